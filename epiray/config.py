@@ -13,3 +13,95 @@ class Section(BaseModel):
     """Base of every config section: frozen, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+from pathlib import Path  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
+
+import yaml  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from epiray.errors import ConfigError  # noqa: E402
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _resolve_paths(node: Any, base: Path, key: str = "") -> Any:
+    """Resolve relative path-like strings (keys ending in path/dir/file/manifest/store/out/
+    chain/chrom_sizes) against ``base``."""
+    suffixes = (
+        "path",
+        "dir",
+        "file",
+        "manifest",
+        "store",
+        "out",
+        "chain",
+        "chrom_sizes",
+        "root",
+        "output",
+    )
+    if isinstance(node, dict):
+        return {k: _resolve_paths(v, base, str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_paths(v, base, key) for v in node]
+    if isinstance(node, str) and key.endswith(suffixes) and "://" not in node:
+        p = Path(node).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+    return node
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config {path}: file not found. Give the path of a YAML config.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: not valid YAML ({e}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config {path}: expected a mapping at the top level, got {type(data).__name__}."
+        )
+    return data
+
+
+def parse_config(
+    model: type[T], data: dict[str, Any], source: str | Path = "<config>", base: Path | None = None
+) -> T:
+    """Validate ``data`` into ``model``; relative paths resolve against ``base``.
+
+    Raises
+    ------
+    ConfigError
+        Listing each bad or unknown key by its dotted name, with the file.
+    """
+    if base is not None:
+        data = _resolve_paths(data, base)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            dotted = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{dotted}: unknown key. Remove it or check its spelling.")
+            else:
+                lines.append(f"{dotted}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(
+            f"config {source}: {len(lines)} problem(s)\n" + "\n".join(f"  - {x}" for x in lines)
+        ) from None
+
+
+def load_config(model: type[T], path: str | Path) -> T:
+    """Load a YAML file into a frozen config object."""
+    path = Path(path).resolve()
+    return parse_config(model, load_yaml(path), path, base=path.parent)
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the fully resolved config next to a job's outputs (atomically)."""
+    from epiray.store import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

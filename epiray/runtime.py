@@ -1,0 +1,34 @@
+"""Connecting to Ray: a cluster from the environment, or a local runtime."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Initialise Ray once.
+
+    Connects to the cluster named by ``RAY_ADDRESS`` (as set by ``ray job submit``) when
+    present; otherwise starts a local runtime. Locally, Ray Data's read tasks starve when every
+    CPU is taken by map tasks on a 2-core machine, so the local runtime advertises more logical
+    CPUs than cores (``max(4, 2 × cores)`` unless ``num_cpus`` is given).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    n = num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    ray.init(
+        num_cpus=n,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    log.info("started a local Ray runtime with %d logical CPUs", n)
