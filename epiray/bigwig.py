@@ -9,6 +9,7 @@ length.
 from __future__ import annotations
 
 import os
+import struct
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,11 @@ def open_bigwig(path: str | Path, *, experiment: str | None = None):
     path = Path(path)
     if not path.is_file():
         raise InputDataError(f"{where}: file not found. Fix the path in the manifest.")
+    problem = _structure_problem(path)
+    if problem:
+        raise InputDataError(
+            f"{where}: {problem}; the file is corrupt or truncated. Re-download or regenerate it."
+        )
     try:
         bw = pyBigWig.open(str(path))
     except (RuntimeError, OSError) as e:
@@ -44,6 +50,35 @@ def open_bigwig(path: str | Path, *, experiment: str | None = None):
             f"{where}: not a bigWig file (bigBed or another format?). Convert it to bigWig."
         )
     return bw
+
+
+BIGWIG_MAGIC = 0x888FFC26
+
+
+def _structure_problem(path: Path) -> str | None:
+    """Cheap structural check: bigWig files start and end with the magic signature and every
+    section offset in the header lies inside the file. pyBigWig reads a truncated file whose
+    data section survived without complaint, so this catches what it misses."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64:
+            return f"only {size} bytes, shorter than a bigWig header"
+        magic, _, n_zoom, *offsets = struct.unpack("<IHHQQQHHQQ", head[:52])
+        if magic != BIGWIG_MAGIC:
+            return f"no bigWig signature (got 0x{magic:08x}, expected 0x{BIGWIG_MAGIC:08x})"
+        zoom = f.read(24 * n_zoom)
+        if len(zoom) < 24 * n_zoom:
+            return "header ends inside the zoom level table"
+        offs = [offsets[0], offsets[1], offsets[2], offsets[6]]
+        for i in range(n_zoom):
+            offs += struct.unpack("<QQ", zoom[24 * i + 8 : 24 * i + 24])
+        if max(offs) >= size:
+            return f"a section offset ({max(offs)}) lies beyond the end of the file ({size} B)"
+        f.seek(size - 4)
+        if struct.unpack("<I", f.read(4))[0] != BIGWIG_MAGIC:
+            return "the file does not end with the bigWig signature"
+    return None
 
 
 def bigwig_chroms(path: str | Path, *, experiment: str | None = None) -> dict[str, int]:

@@ -6,7 +6,13 @@ file and the dotted key. Relative paths resolve against the directory of the YAM
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from epiray.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -14,14 +20,6 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-from pathlib import Path  # noqa: E402
-from typing import Any, TypeVar  # noqa: E402
-
-import yaml  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-
-from epiray.errors import ConfigError  # noqa: E402
 
 T = TypeVar("T", bound=BaseModel)
 

@@ -1,0 +1,82 @@
+"""Shared fixtures: the real reference data, a local Ray runtime, small generated inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real reference data); tests using it skip when it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data is not available")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for the session, with more logical CPUs than cores (Ray Data's
+    read tasks starve on 2 cores otherwise)."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR")
+    yield ray
+    # left running for the session; pytest's exit shuts it down
+
+
+def write_tsv(path: Path, rows: list[dict]) -> Path:
+    """Write a manifest-like TSV from dicts (header: every key, in first-seen order)."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["\t".join(cols)] + ["\t".join(str(r.get(c, "")) for c in cols) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def small_bigwigs(tmp_path):
+    """Three bigWigs constant per 25 bp bin on a 2-chromosome assembly, with a manifest.
+
+    Returns (manifest path, chrom sizes dict, truth dict experiment -> chrom -> raw bin values).
+    """
+    from epiray.bigwig import write_bigwig
+
+    sizes = {"chr1": 25 * 2000 + 7, "chr2": 25 * 700}
+    rng = np.random.default_rng(0)
+    (tmp_path / "genomes").mkdir()
+    (tmp_path / "genomes" / "toy1.chrom.sizes").write_text(
+        "".join(f"{c}\t{n}\n" for c, n in sizes.items()))
+    truth, rows = {}, []
+    for i, (bio, assay) in enumerate([("B1", "H3K4me3"), ("B2", "H3K4me3"), ("B1", "CTCF")]):
+        exp = f"{bio}.{assay}"
+        tracks = {c: np.round(rng.gamma(1.0, 2.0, -(-n // 25)), 3) for c, n in sizes.items()}
+        write_bigwig(tmp_path / f"{exp}.bw", sizes, tracks, 25)
+        truth[exp] = tracks
+        rows.append({"experiment": exp, "species": "mouse", "assembly": "toy1",
+                     "biosample": bio, "assay": assay,
+                     "category": "protein_binding" if assay == "CTCF" else
+                     "histone_modification", "path": f"{exp}.bw"})
+        del i
+    return write_tsv(tmp_path / "manifest.tsv", rows), sizes, truth
