@@ -149,14 +149,27 @@ def read_part(
     Only the row groups covering the range are read. Values are converted to ``out.dtype``.
     """
     rg_bins = block_bins * ROW_GROUP_BLOCKS
-    f = pq.ParquetFile(path, memory_map=True)
     first, last = start // rg_bins, (end - 1) // rg_bins
-    if first == 0 and last == f.metadata.num_row_groups - 1:
-        col = f.read(columns=["values"], use_threads=False).column(0)
-    else:
-        col = f.read_row_groups(
-            list(range(first, last + 1)), columns=["values"], use_threads=False
-        ).column(0)
+    try:
+        f = pq.ParquetFile(path, memory_map=True)
+        n_rg = f.metadata.num_row_groups
+        if last >= n_rg:
+            raise StoreError(
+                f"part {path}: holds fewer bins than expected; expected bins [{start}, {end}), "
+                f"the part has {n_rg} row groups of {rg_bins} bins. The part is damaged: delete "
+                "it and re-ingest with --resume."
+            )
+        if first == 0 and last == n_rg - 1:
+            col = f.read(columns=["values"], use_threads=False).column(0)
+        else:
+            col = f.read_row_groups(
+                list(range(first, last + 1)), columns=["values"], use_threads=False
+            ).column(0)
+    except (pa.ArrowException, OSError) as e:
+        raise StoreError(
+            f"part {path}: cannot be read ({e}). The part is damaged: delete it and re-ingest "
+            "with --resume."
+        ) from None
     src_dtype = np.dtype(dtype).newbyteorder("<")
     lo = start - first * rg_bins  # bins to skip in what was read
     pos = 0  # bins consumed of what was read
@@ -464,9 +477,9 @@ class Store:
         StoreError
             An experiment or its part for ``chrom`` is not in the store, or a bad range.
         """
+        paths = [self._checked_part(assembly, chrom, e) for e in experiments]
         nb = self.n_bins(assembly, chrom)
         end = nb if end is None else int(end)
-        paths = [self._checked_part(assembly, chrom, e) for e in experiments]
         return self._read_parts(paths, start, end, nb, dtype, out, threads, f"{assembly} {chrom}")
 
     def read_torch(self, *args, device=None, **kwargs):
