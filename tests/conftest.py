@@ -41,8 +41,7 @@ def ray_local():
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR")
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     # left running for the session; pytest's exit shuts it down
 
@@ -67,16 +66,24 @@ def small_bigwigs(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "genomes").mkdir()
     (tmp_path / "genomes" / "toy1.chrom.sizes").write_text(
-        "".join(f"{c}\t{n}\n" for c, n in sizes.items()))
+        "".join(f"{c}\t{n}\n" for c, n in sizes.items())
+    )
     truth, rows = {}, []
     for i, (bio, assay) in enumerate([("B1", "H3K4me3"), ("B2", "H3K4me3"), ("B1", "CTCF")]):
         exp = f"{bio}.{assay}"
         tracks = {c: np.round(rng.gamma(1.0, 2.0, -(-n // 25)), 3) for c, n in sizes.items()}
         write_bigwig(tmp_path / f"{exp}.bw", sizes, tracks, 25)
         truth[exp] = tracks
-        rows.append({"experiment": exp, "species": "mouse", "assembly": "toy1",
-                     "biosample": bio, "assay": assay,
-                     "category": "protein_binding" if assay == "CTCF" else
-                     "histone_modification", "path": f"{exp}.bw"})
+        rows.append(
+            {
+                "experiment": exp,
+                "species": "mouse",
+                "assembly": "toy1",
+                "biosample": bio,
+                "assay": assay,
+                "category": "protein_binding" if assay == "CTCF" else "histone_modification",
+                "path": f"{exp}.bw",
+            }
+        )
         del i
     return write_tsv(tmp_path / "manifest.tsv", rows), sizes, truth

@@ -87,8 +87,11 @@ def test_corrupt(tmp_path, shared_data, how):
 
 def test_chrom_missing_and_naming_hint(shared_data):
     p = shared_data / "bigwig/test04_hg19.noChr.bigwig"
-    with pytest.raises(InputDataError, match=r"E1 .* chrom chr1: chromosome 'chr1' not found.*"
-                       r"chrom_names"):
+    with pytest.raises(
+        InputDataError,
+        match=r"E1 .* chrom chr1: chromosome 'chr1' not found.*"
+        r"chrom_names",
+    ):
         read_binned(p, "chr1", 249_250_621, 25, experiment="E1")
     # the explicit option reads it under its own name
     a = read_binned(p, "chr1", 249_250_621, 25, file_chrom="1")

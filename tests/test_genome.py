@@ -34,8 +34,11 @@ def test_missing_sizes_file(tmp_path):
 
 
 def test_select():
-    a = Assembly("t", "mouse", {"chr10": 5, "chr2": 5, "chrX": 5, "chrUn_x": 5, "chr1": 5,
-                                "chrM": 5, "chrY": 5})
+    a = Assembly(
+        "t",
+        "mouse",
+        {"chr10": 5, "chr2": 5, "chrX": 5, "chrUn_x": 5, "chr1": 5, "chrM": 5, "chrY": 5},
+    )
     assert a.select("primary") == ["chr1", "chr2", "chr10", "chrX", "chrY"]
     assert a.select("autosomes+X") == ["chr1", "chr2", "chr10", "chrX"]
     assert a.select(["chr2", "chr1"]) == ["chr2", "chr1"]

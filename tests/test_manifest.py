@@ -6,8 +6,15 @@ from tests.conftest import write_tsv
 
 
 def row(**kw):
-    base = {"experiment": "e1", "species": "mouse", "assembly": "mm10", "biosample": "B1",
-            "assay": "H3K4me3", "category": "histone_modification", "path": "a.bw"}
+    base = {
+        "experiment": "e1",
+        "species": "mouse",
+        "assembly": "mm10",
+        "biosample": "B1",
+        "assay": "H3K4me3",
+        "category": "histone_modification",
+        "path": "a.bw",
+    }
     return {**base, **kw}
 
 
@@ -24,15 +31,18 @@ def test_reads_and_resolves(tmp_path):
 
 def test_every_problem_at_once(tmp_path):
     (tmp_path / "a.bw").write_bytes(b"")
-    m = write_tsv(tmp_path / "m.tsv", [
-        row(),
-        row(),  # duplicate e1
-        row(experiment="e3", category="chromatin"),
-        row(experiment="e4", path="missing.bw"),
-        row(experiment="e5", species="human"),  # mm10 and biosample B1 used by two species
-        row(experiment="e6", transform="log"),
-        row(experiment="e7", path="a.txt"),
-    ])
+    m = write_tsv(
+        tmp_path / "m.tsv",
+        [
+            row(),
+            row(),  # duplicate e1
+            row(experiment="e3", category="chromatin"),
+            row(experiment="e4", path="missing.bw"),
+            row(experiment="e5", species="human"),  # mm10 and biosample B1 used by two species
+            row(experiment="e6", transform="log"),
+            row(experiment="e7", path="a.txt"),
+        ],
+    )
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(InputDataError) as ei:
         read_manifest(m)
