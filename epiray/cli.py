@@ -116,7 +116,7 @@ def _ingest(args) -> None:
         cfg = quick_config(str(args.manifest), str(args.store), args.chroms, args.dtype, sizes)
     store = ingest(cfg, overwrite=args.overwrite, resume=args.resume)
     dump_config(cfg, store.root / "ingest.resolved.yaml")
-    print(describe_store(store))
+    print(store.describe())
 
 
 # ------------------------------------------------------------------------------------ info
@@ -130,74 +130,25 @@ def _ingest(args) -> None:
 def _info(args) -> None:
     from epiray.store import Store
 
-    print(describe_store(Store.open(args.path), experiments=args.experiments))
+    print(Store.open(args.path).describe(experiments=args.experiments))
 
 
-def describe_store(store, experiments: bool = False) -> str:
-    """A readable summary of a store: assemblies, experiments per species/category, synteny."""
-    import pandas as pd
-
-    s = store.summary
-    lines = [
-        f"store {store.root}",
-        f"  bin_size {s['bin_size']} bp, dtype {s['dtype']}, block {s['block_bins']} bins, "
-        f"store hash {store.store_hash}, manifest hash {s['manifest_hash']}, "
-        f"epiray {s['epiray_version']}",
+# ------------------------------------------------------------------------------------ quickstart
+@command("quickstart", "run the whole story on a generated human+mouse compendium")
+@_args(
+    spec=[
+        (("--config",), {"type": Path, "help": "quickstart YAML (default: embedded defaults)"}),
+        (("--out",), {"type": Path, "help": "output folder (default: ./quickstart)"}),
+        (("--preset",), {"choices": ["default", "tiny"], "help": "compendium size"}),
     ]
-    exps = store.experiments()
-    for name, a in s["assemblies"].items():
-        sizes = a["chrom_sizes"]
-        nb = sum(store.n_bins(name, c) for c in sizes)
-        n_e = int((exps["assembly"] == name).sum())
-        lines.append(
-            f"  assembly {name} ({a['species']}): {len(sizes)} chroms, {nb:,} bins, "
-            f"{n_e} experiments"
-        )
-    if len(exps):
-        tab = pd.crosstab(exps["assay"], exps["species"])
-        lines.append("  experiments per assay and species:")
-        lines += ["    " + x for x in tab.to_string().splitlines()]
-        cat = exps.groupby(["species", "category"]).size().rename("n").reset_index()
-        lines.append(
-            "  per category: "
-            + ", ".join(f"{r.species}/{r.category} {r.n}" for r in cat.itertuples())
-        )
-        err = [
-            st.get("cast_max_abs_err", 0.0)
-            for v in s["experiments"].values()
-            for st in v["chroms"].values()
-        ]
-        lines.append(
-            f"  max |error| added by the {s['dtype']} cast: {max(err):.3g} (arcsinh scale)"
-        )
-    for name, syn in s.get("synteny", {}).items():
-        lines.append(
-            f"  synteny {name}: "
-            + ", ".join(f"{k} {v}" for k, v in syn.items() if not isinstance(v, dict))
-        )
-        for chrom, c in syn.get("chroms", {}).items():
-            lines.append(
-                f"    {chrom}: "
-                + ", ".join(
-                    f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in c.items()
-                    if not isinstance(v, dict)
-                )
-            )
-    if experiments and len(exps):
-        cols = [
-            "experiment",
-            "species",
-            "assembly",
-            "biosample",
-            "assay",
-            "category",
-            "n_chroms",
-            "mean",
-            "sd",
-        ]
-        lines.append(exps[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    return "\n".join(lines)
+)
+def _quickstart(args) -> None:
+    from epiray.config import load_config
+    from epiray.quickstart import QuickstartConfig, run
+
+    cfg = load_config(QuickstartConfig, args.config) if args.config else QuickstartConfig()
+    update = {k: v for k, v in (("out", args.out and str(args.out)), ("preset", args.preset)) if v}
+    run(cfg.model_copy(update=update), say=print)
 
 
 # ------------------------------------------------------------------------------------ main

@@ -443,27 +443,30 @@ def ingest(cfg: IngestConfig, *, overwrite: bool = False, resume: bool = False) 
         ensure_ray(cfg.num_cpus)
         bin_size, dtype, bb, pol = cfg.bin_size, cfg.dtype, cfg.block_bins, cfg.policies
 
-        def task(row: dict[str, Any]) -> dict[str, Any]:
-            item = _Item(**{k: row[k] for k in _Item.__dataclass_fields__})
-            r = _process(
-                item,
-                bin_size,
-                dtype,
-                bb,
-                pol,
-                n_chroms[item.assembly],
-                (item.experiment, item.chrom) in zero_set,
-            )
-            # stats travel in the part's metadata; only problems come back
-            return {
-                "experiment": r["experiment"],
-                "chrom": r["chrom"],
-                "problem": r["problem"] or "",
-            }
+        def task(batch: dict[str, Any]) -> dict[str, Any]:
+            # one task writes a group of parts: stats travel in each part's metadata, only
+            # problems come back
+            out = {"experiment": [], "chrom": [], "problem": []}
+            for group in batch["items"]:
+                for row in group:
+                    item = _Item(**row)
+                    r = _process(
+                        item,
+                        bin_size,
+                        dtype,
+                        bb,
+                        pol,
+                        n_chroms[item.assembly],
+                        (item.experiment, item.chrom) in zero_set,
+                    )
+                    out["experiment"].append(r["experiment"])
+                    out["chrom"].append(r["chrom"])
+                    out["problem"].append(r["problem"] or "")
+            return out
 
-        rows = [asdict(i) for i in todo]
-        ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
-        for r in ds.map(task, num_cpus=1).iter_rows():
+        groups = group_items(todo, ray.cluster_resources().get("CPU", 1))
+        ds = ray.data.from_items([{"items": g} for g in groups], override_num_blocks=len(groups))
+        for r in ds.map_batches(task, batch_size=1, num_cpus=1).iter_rows():
             results.append(r)
 
     problems = [r["problem"] for r in results if r["problem"]]
@@ -484,6 +487,27 @@ def ingest(cfg: IngestConfig, *, overwrite: bool = False, resume: bool = False) 
             )
     collect(problems, f"ingest {cfg.manifest}")
     return store
+
+
+def group_items(
+    items: Sequence[_Item], cpus: float, max_bins: int = 4_000_000
+) -> list[list[dict[str, Any]]]:
+    """Group parts into tasks: large parts alone, small ones together, so Ray's per-task
+    overhead stays small next to the work while every CPU still gets several tasks."""
+    total = sum(n_bins(i.length, 25) for i in items)
+    target = max(1, min(max_bins, total // max(1, int(4 * cpus))))
+    groups: list[list[dict[str, Any]]] = []
+    cur: list[dict[str, Any]] = []
+    size = 0
+    for item in sorted(items, key=lambda i: (i.experiment, i.chrom)):
+        cur.append(asdict(item))
+        size += n_bins(item.length, 25)
+        if size >= target:
+            groups.append(cur)
+            cur, size = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 def _update_summary(store: Store, df: pd.DataFrame, assemblies) -> None:

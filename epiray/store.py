@@ -593,6 +593,72 @@ class Store:
             paths, start, end, rows, dtype, out, threads, f"synteny {name} {chrom}"
         )
 
+    def describe(self, experiments: bool = False) -> str:
+        """A readable summary of a store: assemblies, experiments per species/category, synteny."""
+        import pandas as pd
+
+        s = self.summary
+        lines = [
+            f"store {self.root}",
+            f"  bin_size {s['bin_size']} bp, dtype {s['dtype']}, block {s['block_bins']} bins, "
+            f"store hash {self.store_hash}, manifest hash {s['manifest_hash']}, "
+            f"epiray {s['epiray_version']}",
+        ]
+        exps = self.experiments()
+        for name, a in s["assemblies"].items():
+            sizes = a["chrom_sizes"]
+            nb = sum(self.n_bins(name, c) for c in sizes)
+            n_e = int((exps["assembly"] == name).sum())
+            lines.append(
+                f"  assembly {name} ({a['species']}): {len(sizes)} chroms, {nb:,} bins, "
+                f"{n_e} experiments"
+            )
+        if len(exps):
+            tab = pd.crosstab(exps["assay"], exps["species"])
+            lines.append("  experiments per assay and species:")
+            lines += ["    " + x for x in tab.to_string().splitlines()]
+            cat = exps.groupby(["species", "category"]).size().rename("n").reset_index()
+            lines.append(
+                "  per category: "
+                + ", ".join(f"{r.species}/{r.category} {r.n}" for r in cat.itertuples())
+            )
+            err = [
+                st.get("cast_max_abs_err", 0.0)
+                for v in s["experiments"].values()
+                for st in v["chroms"].values()
+            ]
+            lines.append(
+                f"  max |error| added by the {s['dtype']} cast: {max(err):.3g} (arcsinh scale)"
+            )
+        for name, syn in s.get("synteny", {}).items():
+            lines.append(
+                f"  synteny {name}: "
+                + ", ".join(f"{k} {v}" for k, v in syn.items() if not isinstance(v, dict))
+            )
+            for chrom, c in syn.get("chroms", {}).items():
+                lines.append(
+                    f"    {chrom}: "
+                    + ", ".join(
+                        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in c.items()
+                        if not isinstance(v, dict)
+                    )
+                )
+        if experiments and len(exps):
+            cols = [
+                "experiment",
+                "species",
+                "assembly",
+                "biosample",
+                "assay",
+                "category",
+                "n_chroms",
+                "mean",
+                "sd",
+            ]
+            lines.append(exps[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        return "\n".join(lines)
+
     # ---- Ray Data view
     def dataset(
         self,
