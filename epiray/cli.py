@@ -57,7 +57,7 @@ def _args(**options):
 def _synth(args) -> None:
     from epiray import synthetic
 
-    params = synthetic.SynthParams.tiny() if args.preset == "tiny" else synthetic.SynthParams()
+    params = synthetic.SynthParams.preset(args.preset)
     res = synthetic.generate(args.out, seed=args.seed, params=params, overwrite=args.overwrite)
     print(f"synthetic compendium written to {args.out}")
     print(res.describe() if hasattr(res, "describe") else res)

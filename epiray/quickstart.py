@@ -34,7 +34,7 @@ def run(cfg: QuickstartConfig, say: Callable[[str], None] = log.info) -> dict:
 
     out = Path(cfg.out).resolve()
     data = out / "data"
-    params = synthetic.SynthParams.tiny() if cfg.preset == "tiny" else synthetic.SynthParams()
+    params = synthetic.SynthParams.preset(cfg.preset)
     info = data / "synth.json"
     fresh = True
     if info.is_file():
