@@ -1,102 +1,70 @@
-"""The ``epiray`` command. Errors become one clear message on stderr and exit status 2."""
+"""The ``epiray`` command. Errors become one clear message on stderr and exit status 2.
+
+Each command is a pair of functions: ``_add_<name>(parser)`` declares its options and
+``_run_<name>(args)`` calls one library function. The table :data:`COMMANDS` lists them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from epiray.errors import EpirayError
 
 log = logging.getLogger("epiray")
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
-
-
-def command(name: str, help: str):
-    """Register ``epiray NAME``: decorates ``run(args)``; its ``add`` attribute adds options."""
-
-    def deco(fn):
-        COMMANDS[name] = (help, getattr(fn, "add", lambda p: None), fn)
-        return fn
-
-    return deco
-
-
-def _args(**options):
-    def deco(fn):
-        def add(p: argparse.ArgumentParser) -> None:
-            for flags, kw in options["spec"]:
-                p.add_argument(*flags, **kw)
-
-        fn.add = add
-        return fn
-
-    return deco
-
 
 # ------------------------------------------------------------------------------------ synth
-@command("synth", "generate the synthetic human+mouse compendium (bigWigs, manifest, chain)")
-@_args(
-    spec=[
-        (("--out",), {"required": True, "type": Path, "help": "output directory"}),
-        (("--seed",), {"type": int, "default": 0, "help": "random seed (default 0)"}),
-        (
-            ("--preset",),
-            {
-                "choices": ["default", "tiny"],
-                "default": "default",
-                "help": "size preset (default: default)",
-            },
-        ),
-        (("--overwrite",), {"action": "store_true", "help": "replace an existing directory"}),
-    ]
-)
-def _synth(args) -> None:
+def _add_synth(p: argparse.ArgumentParser) -> None:
+    from epiray.synthetic import PRESETS
+
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--preset", choices=list(PRESETS), default="default", help="size preset (default: default)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+
+
+def _run_synth(args) -> None:
     from epiray import synthetic
 
     params = synthetic.SynthParams.preset(args.preset)
     res = synthetic.generate(args.out, seed=args.seed, params=params, overwrite=args.overwrite)
     print(f"synthetic compendium written to {args.out}")
-    print(res.describe() if hasattr(res, "describe") else res)
+    print(res.describe())
 
 
 # ------------------------------------------------------------------------------------ ingest
-@command("ingest", "bin tracks (bigWig, .npy/.npz) into the Parquet store with Ray Data")
-@_args(
-    spec=[
-        (("--config",), {"type": Path, "help": "ingest YAML (see configs/ingest.yaml)"}),
-        (("--manifest",), {"type": Path, "help": "manifest TSV (quick form, without --config)"}),
-        (("--store",), {"type": Path, "help": "store directory (quick form)"}),
-        (("--chroms",), {"nargs": "+", "help": "chromosomes (quick form; default: primary)"}),
-        (
-            ("--chrom-sizes",),
-            {
-                "nargs": "+",
-                "default": [],
-                "metavar": "ASSEMBLY=PATH",
-                "help": "chrom sizes per assembly (default: "
-                "<manifest dir>/genomes/<assembly>.chrom.sizes)",
-            },
-        ),
-        (("--dtype",), {"choices": ["float32", "float16"], "default": "float32"}),
-        (
-            ("--overwrite",),
-            {"action": "store_true", "help": "delete an existing store and rebuild"},
-        ),
-        (
-            ("--resume",),
-            {
-                "action": "store_true",
-                "help": "reuse an existing store: skip finished parts, add new "
-                "experiments, re-ingest changed sources",
-            },
-        ),
-    ]
-)
-def _ingest(args) -> None:
+def _add_ingest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="ingest YAML (see configs/ingest.yaml)")
+    p.add_argument("--manifest", type=Path, help="manifest TSV (quick form, without --config)")
+    p.add_argument("--store", type=Path, help="store directory (quick form)")
+    p.add_argument("--chroms", nargs="+", help="chromosomes (quick form; default: primary)")
+    p.add_argument(
+        "--chrom-sizes",
+        nargs="+",
+        default=[],
+        metavar="ASSEMBLY=PATH",
+        help="chrom sizes per assembly (default: <manifest dir>/genomes/<assembly>.chrom.sizes)",
+    )
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    _add_reuse(p, "store")
+
+
+def _add_reuse(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"delete an existing {what} first")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"reuse an existing {what}: finished parts are skipped, new ones added, "
+        "changed sources redone",
+    )
+
+
+def _run_ingest(args) -> None:
     from epiray.config import dump_config, load_config
     from epiray.ingest import IngestConfig, ingest, quick_config
 
@@ -120,43 +88,58 @@ def _ingest(args) -> None:
 
 
 # ------------------------------------------------------------------------------------ info
-@command("info", "summarise a store (or an output folder)")
-@_args(
-    spec=[
-        (("path",), {"type": Path, "help": "store directory"}),
-        (("--experiments",), {"action": "store_true", "help": "list every experiment"}),
-    ]
-)
-def _info(args) -> None:
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="store directory")
+    p.add_argument("--experiments", action="store_true", help="list every experiment")
+
+
+def _run_info(args) -> None:
     from epiray.store import Store
 
     print(Store.open(args.path).describe(experiments=args.experiments))
 
 
 # ------------------------------------------------------------------------------------ quickstart
-@command("quickstart", "run the whole story on a generated human+mouse compendium")
-@_args(
-    spec=[
-        (("--config",), {"type": Path, "help": "quickstart YAML (default: embedded defaults)"}),
-        (("--out",), {"type": Path, "help": "output folder (default: ./quickstart)"}),
-        (("--preset",), {"choices": ["default", "tiny"], "help": "compendium size"}),
-    ]
-)
-def _quickstart(args) -> None:
+def _add_quickstart(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="quickstart YAML (default: embedded defaults)")
+    p.add_argument("--out", type=Path, help="output folder (default: ./quickstart)")
+    p.add_argument("--preset", choices=["tiny", "default"], help="compendium size")
+
+
+def _run_quickstart(args) -> None:
     from epiray.config import load_config
     from epiray.quickstart import QuickstartConfig, run
 
     cfg = load_config(QuickstartConfig, args.config) if args.config else QuickstartConfig()
-    update = {k: v for k, v in (("out", args.out and str(args.out)), ("preset", args.preset)) if v}
-    run(cfg.model_copy(update=update), say=print)
+    update = {"out": str(args.out) if args.out else None, "preset": args.preset}
+    run(cfg.model_copy(update={k: v for k, v in update.items() if v}), say=print)
 
 
 # ------------------------------------------------------------------------------------ main
+COMMANDS = {
+    "quickstart": (
+        "run the whole story on a generated human+mouse compendium",
+        _add_quickstart,
+        _run_quickstart,
+    ),
+    "synth": (
+        "generate the synthetic human+mouse compendium (bigWigs, manifest, chain)",
+        _add_synth,
+        _run_synth,
+    ),
+    "ingest": (
+        "bin tracks (bigWig, .npy/.npz) into the Parquet store with Ray Data",
+        _add_ingest,
+        _run_ingest,
+    ),
+    "info": ("summarise a store", _add_info, _run_info),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     p = argparse.ArgumentParser(
-        prog="epiray",
-        description="Genome-scale imputation of epigenomic compendia on Ray.",
+        prog="epiray", description="Genome-scale imputation of epigenomic compendia on Ray."
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,0 +1,152 @@
+"""Store -> device: the slab of one chromosome a worker trains on.
+
+A worker of ``W`` owns a contiguous range of bins. Range boundaries are multiples of
+``ALIGN_BINS`` (200 bins = 5 kbp, the coarsest genome-factor scale), so no genome factor is
+shared by two workers and the workers' factor shards concatenate into the whole chromosome's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from epiray.errors import EpirayError
+from epiray.models import ChromData, Vocabulary
+from epiray.store import Store
+
+ALIGN_BINS = 200
+
+
+def shard_bounds(
+    n_bins: int, world_size: int, rank: int, align: int = ALIGN_BINS
+) -> tuple[int, int]:
+    """Bins ``[lo, hi)`` owned by ``rank`` of ``world_size`` workers.
+
+    Boundaries are multiples of ``align`` (except the chromosome end); the shares differ by at
+    most ``align`` bins.
+
+    Raises
+    ------
+    EpirayError
+        More workers than ``align``-bin units in the chromosome (a worker would own nothing).
+    """
+    units = -(-n_bins // align)
+    if world_size > units:
+        raise EpirayError(
+            f"sharding: {world_size} workers for {n_bins} bins ({units} units of {align} bins); "
+            f"expected at most {units} workers. Use fewer workers for this chromosome."
+        )
+    lo_u = units * rank // world_size
+    hi_u = units * (rank + 1) // world_size
+    return lo_u * align, min(hi_u * align, n_bins)
+
+
+@dataclass(frozen=True)
+class Aux:
+    """Other-species tracks at the alignment rows of a target chromosome (synteny)."""
+
+    name: str
+    experiments: Sequence[str]
+
+
+def load_chrom_data(
+    store: Store,
+    assembly: str,
+    chrom: str,
+    lo: int,
+    hi: int,
+    vocab: Vocabulary,
+    train: Sequence[str],
+    *,
+    validate: Sequence[str] = (),
+    aux: Aux | None = None,
+    device: torch.device | str = "cpu",
+    value_dtype: torch.dtype = torch.float32,
+) -> ChromData:
+    """Read a worker's slab from the store straight into device tensors.
+
+    Parameters
+    ----------
+    store
+        The store.
+    assembly, chrom
+        Target assembly and chromosome.
+    lo, hi
+        The worker's bins (see :func:`shard_bounds`).
+    vocab
+        Gives the biosample/assay index of every experiment.
+    train, validate
+        Target-species experiments to train on / to validate on.
+    aux
+        Other-species experiments and the synteny name: their values at the alignment rows
+        whose target bin lies in ``[lo, hi)`` (rows are sorted by target bin, so that is one
+        contiguous row range), with ``aux_pos`` = distinct other-species positions.
+    device, value_dtype
+        Where the tensors live and the dtype of the values (float16 halves the memory).
+
+    Returns
+    -------
+    ChromData
+    """
+    n_bins = store.n_bins(assembly, chrom)
+    np_dtype = np.float16 if value_dtype == torch.float16 else np.float32
+
+    def read(exps):
+        arr = store.read(assembly, chrom, list(exps), lo, hi, dtype=np_dtype)
+        return torch.from_numpy(arr).to(device, value_dtype)
+
+    def idx(exps, which):
+        return torch.tensor(
+            [getattr(vocab.experiment_index(e), which) for e in exps],
+            dtype=torch.long,
+            device=device,
+        )
+
+    if not train:
+        raise EpirayError(f"{assembly} {chrom}: no training experiments; expected at least one.")
+    kw = {}
+    if validate:
+        kw.update(
+            val_values=read(validate),
+            val_biosample=idx(validate, "biosample"),
+            val_assay=idx(validate, "assay"),
+        )
+    if aux is not None and aux.experiments:
+        table = store.read_alignment(aux.name, chrom)
+        mb = table["mouse_bin"].to_numpy()
+        r0, r1 = np.searchsorted(mb, lo, "left"), np.searchsorted(mb, hi, "left")
+        rows = table.iloc[r0:r1]
+        if r1 > r0:
+            vals = store.read_aligned(
+                aux.name, chrom, list(aux.experiments), int(r0), int(r1), dtype=np_dtype
+            )
+        else:
+            vals = np.zeros((len(aux.experiments), 0), np_dtype)
+        hc = rows["human_chrom"].astype("category")
+        codes = hc.cat.codes.to_numpy().astype(np.int64)
+        hb = rows["human_bin"].to_numpy().astype(np.int64)
+        key = codes * (int(hb.max()) + 1 if len(hb) else 1) + hb
+        uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        kw.update(
+            aux_values=torch.from_numpy(vals).to(device, value_dtype),
+            aux_bin=torch.from_numpy(mb[r0:r1] - lo).to(device),
+            aux_pos=torch.from_numpy(inverse.astype(np.int64)).to(device),
+            aux_pos_chrom=torch.from_numpy(codes[first]).to(device),
+            aux_pos_bin=torch.from_numpy(hb[first]).to(device),
+            aux_biosample=idx(aux.experiments, "biosample"),
+            aux_assay=idx(aux.experiments, "assay"),
+        )
+        del uniq
+    return ChromData(
+        chrom=chrom,
+        lo=lo,
+        hi=hi,
+        n_bins=n_bins,
+        values=read(train),
+        biosample=idx(train, "biosample"),
+        assay=idx(train, "assay"),
+        **kw,
+    )
