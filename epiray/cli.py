@@ -115,6 +115,39 @@ def _run_quickstart(args) -> None:
     run(cfg.model_copy(update={k: v for k, v in update.items() if v}), say=print)
 
 
+# ------------------------------------------------------------------------------------ train
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", type=Path, required=True, help="train YAML (see configs/train_avocado.yaml)"
+    )
+    p.add_argument("--fold", help="override folds.fold (an index or 'all')")
+    p.add_argument("--chroms", nargs="+", help="override chroms")
+
+
+def _run_train(args) -> None:
+    from epiray.config import load_config
+    from epiray.evaluate import comparison_table, format_table
+    from epiray.train import TrainConfig, train
+
+    cfg = load_config(TrainConfig, args.config)
+    upd = {}
+    if args.fold is not None:
+        upd["folds"] = cfg.folds.model_copy(
+            update={"fold": "all" if args.fold == "all" else int(args.fold)}
+        )
+    if args.chroms:
+        upd["chroms"] = args.chroms
+    cfg = cfg.model_copy(update=upd)
+    results = train(cfg)
+    scores = [r.scores for r in results if len(r.scores)]
+    for r in results:
+        print(f"{r.spec.label} {r.spec.chrom} {r.spec.fold}: checkpoint {r.checkpoint}")
+    if scores:
+        import pandas as pd
+
+        print(format_table(comparison_table(pd.concat(scores, ignore_index=True)), "text"))
+
+
 # ------------------------------------------------------------------------------------ main
 COMMANDS = {
     "quickstart": (
@@ -133,6 +166,7 @@ COMMANDS = {
         _run_ingest,
     ),
     "info": ("summarise a store", _add_info, _run_info),
+    "train": ("train a model per chromosome and fold with Ray Train", _add_train, _run_train),
 }
 
 

@@ -1,0 +1,633 @@
+"""Ray Train: one model per (chromosome, fold), data-parallel over bins.
+
+The driver (:func:`train`) validates the config, builds the folds and the vocabulary, and runs
+one ``TorchTrainer`` per (chromosome, fold). Each worker (:func:`train_fn_per_worker`) owns a
+5 kbp-aligned range of the chromosome's bins, loads its slab from the store onto its device
+once, and runs :func:`epiray.loop.fit` (dense gradients all-reduced, genome factors
+worker-local). Every epoch each worker writes its shard of the model into the checkpoint
+directory (Ray Train merges the workers' files) and reports; a killed run resumes from the last
+checkpoint when started again with the same config. After training, each worker predicts the
+held-out experiments on its bins; the driver scores them against the store, adds the average
+activity baseline and records everything in MLflow.
+
+Trained-model layout (a checkpoint directory)::
+
+    meta.json          model, params, vocabulary, store hash, assembly, chrom, shards, roles
+    rank{r}.pt         epiray.loop checkpoint of worker r's slab
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, field_validator
+
+from epiray.config import Section, dump_config
+from epiray.errors import ConfigError, EpirayError, StoreError
+from epiray.loader import Aux, load_chrom_data, shard_bounds
+from epiray.loop import LoopParams, fit, load_checkpoint, save_checkpoint
+from epiray.models import Vocabulary, get_model
+from epiray.store import Store, atomic_write_text
+from epiray.tracking import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+
+
+# ------------------------------------------------------------------------------------ config
+class ModelSection(Section):
+    """``model``: a registered model name and its hyperparameters (validated by its Params)."""
+
+    name: str = "avocado"
+    params: dict[str, Any] = {}
+
+
+class FoldSection(Section):
+    """``folds``: which experiments train and which are held out (see :mod:`epiray.folds`)."""
+
+    scheme: Literal[
+        "none", "experiment", "zero_shot", "zero_shot_category", "loo", "manifest", "predictd"
+    ] = "experiment"
+    k: int = Field(3, ge=2)
+    fold: int | Literal["all"] = 0
+    seed: int = 0
+    category: str = "protein_binding"
+    predictd_splits: str | None = None
+
+
+class ValidationSection(Section):
+    """``validation``: held-out training tracks for early stopping and best-epoch selection.
+
+    ``per_assay`` target-species training experiments of every assay that keeps at least
+    ``min_train`` training experiments are moved to validation (deterministically by seed).
+    Validation experiments given by the fold (PREDICTD) are always used.
+    """
+
+    per_assay: int = Field(0, ge=0)
+    min_train: int = Field(2, ge=1)
+
+
+class ScalingSection(Section):
+    """``scaling``: Ray Train workers."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class TrainConfig(Section):
+    """The ``train`` job: one model per (chromosome, fold)."""
+
+    store: str
+    out: str
+    assembly: str
+    chroms: list[str] | Literal["all"] = "all"
+    model: ModelSection = ModelSection()
+    synteny: str | None = None
+    aux_species: bool = False
+    folds: FoldSection = FoldSection()
+    validation: ValidationSection = ValidationSection()
+    train: LoopParams = LoopParams()
+    scaling: ScalingSection = ScalingSection()
+    tracking: TrackingConfig = TrackingConfig()
+    value_dtype: Literal["float32", "float16"] = "float32"
+    predict_heldout: bool = True
+    baseline: bool = True
+    variant_name: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, m: ModelSection) -> ModelSection:
+        klass = get_model(m.name)
+        try:
+            klass.Params.model_validate(m.params)
+        except Exception as e:  # pydantic ValidationError -> readable ConfigError text
+            raise ValueError(f"model.params for {m.name!r}: {e}") from None
+        return m
+
+    def model_params(self):
+        """The validated hyperparameters of the configured model."""
+        return get_model(self.model.name).Params.model_validate(self.model.params)
+
+    @property
+    def label(self) -> str:
+        """Name of the model in runs and tables, e.g. ``avocado`` or ``avocado_cross_species``."""
+        if self.variant_name:
+            return self.variant_name
+        v = self.model.params.get("variant")
+        return f"{self.model.name}_{v}" if v else self.model.name
+
+
+# ------------------------------------------------------------------------------------ plan
+@dataclass
+class RunSpec:
+    """Everything one (chromosome, fold) run needs; plain data, sent to every worker."""
+
+    store: str
+    assembly: str
+    chrom: str
+    fold: str
+    model: str
+    params: dict[str, Any]
+    vocab: dict[str, Any]
+    train: list[str]
+    validate: list[str]
+    evaluate: list[str]
+    unscored: list[str]
+    aux_name: str | None
+    aux: list[str]
+    loop: dict[str, Any]
+    value_dtype: str
+    out_dir: str
+    store_hash: str
+    label: str
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def experiment_table(store: Store) -> pd.DataFrame:
+    """The store's experiments as the table :mod:`epiray.folds` expects."""
+    df = store.experiments()
+    return df[
+        ["experiment", "species", "assembly", "biosample", "assay", "category", "fold", "donor"]
+    ].copy()
+
+
+def build_folds(cfg: TrainConfig, table: pd.DataFrame, target_species: str):
+    """The :class:`epiray.folds.Folds` of the config."""
+    from epiray import folds as F
+
+    f = cfg.folds
+    if f.scheme == "none":
+        return F.Folds("none", (F.Fold("all", tuple(sorted(table["experiment"])), ()),))
+    if f.scheme == "experiment":
+        return F.experiment_folds(table, k=f.k, target_species=target_species, seed=f.seed)
+    if f.scheme == "zero_shot":
+        return F.zero_shot_folds(
+            table, k=f.k, target_species=target_species, category=f.category, seed=f.seed
+        )
+    if f.scheme == "zero_shot_category":
+        return F.zero_shot_category_fold(table, target_species=target_species, category=f.category)
+    if f.scheme == "loo":
+        return F.leave_one_out_folds(table, target_species=target_species)
+    if f.scheme == "manifest":
+        return F.manifest_folds(table)
+    if not f.predictd_splits:
+        raise ConfigError(
+            "train config: folds.scheme predictd needs folds.predictd_splits "
+            "(the predictd_splits.json file)."
+        )
+    return F.predictd_folds(table, f.predictd_splits)
+
+
+def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
+    """Validate the config against the store and list the (chromosome, fold) runs.
+
+    Raises
+    ------
+    ConfigError, StoreError
+        Unknown assembly/chromosome/synteny, no training data, ...
+    """
+    store = Store.open(cfg.store)
+    asm = store.assembly(cfg.assembly)
+    chroms = list(asm.chrom_sizes) if cfg.chroms == "all" else list(cfg.chroms)
+    missing = [c for c in chroms if c not in asm.chrom_sizes]
+    if missing:
+        raise ConfigError(
+            f"train config: chroms {missing} not in assembly {cfg.assembly} of store "
+            f"{store.root}; expected some of {sorted(asm.chrom_sizes)}."
+        )
+    table = experiment_table(store)
+    target_species = asm.species
+    if cfg.synteny is not None and cfg.synteny not in store.summary.get("synteny", {}):
+        raise StoreError(
+            f"train config: synteny {cfg.synteny!r} not in store {store.root} (it has "
+            f"{sorted(store.summary.get('synteny', {}))}). Run `epiray synteny` first or set "
+            "synteny: null."
+        )
+    use_aux = cfg.synteny is not None and cfg.aux_species
+    in_scope = table[
+        (table["assembly"] == cfg.assembly) | (use_aux & (table["species"] != target_species))
+    ]
+    folds = build_folds(cfg, in_scope, target_species)
+    fold_list = list(folds)
+    if cfg.folds.fold != "all":
+        if cfg.folds.fold >= len(fold_list):
+            raise ConfigError(
+                f"train config: folds.fold {cfg.folds.fold}; expected < {len(fold_list)} "
+                f"folds of scheme {cfg.folds.scheme!r}."
+            )
+        fold_list = [fold_list[cfg.folds.fold]]
+    params = cfg.model_params()
+    rng_seed = cfg.folds.seed
+    specs = []
+    checksums = {
+        e: v.get("checksum") for e, v in store.summary["experiments"].items() if v.get("checksum")
+    }
+    for chrom in chroms:
+        nb = store.n_bins(cfg.assembly, chrom)
+        vocab = Vocabulary.from_records(
+            in_scope,
+            chrom=chrom,
+            n_bins=nb,
+            assembly=cfg.assembly,
+            store_hash=store.summary.get("manifest_hash"),
+            checksums=checksums,
+        )
+        for fold in fold_list:
+            role = {e: fold.role(e) for e in in_scope["experiment"]}
+            tgt = in_scope[in_scope["assembly"] == cfg.assembly]
+            train = [e for e in tgt["experiment"] if role[e] == "train"]
+            validate = [e for e in tgt["experiment"] if role[e] == "validate"]
+            train, extra_val = _pick_validation(tgt, train, cfg.validation, rng_seed)
+            validate += extra_val
+            aux = (
+                [
+                    e
+                    for e in in_scope.loc[in_scope["assembly"] != cfg.assembly, "experiment"]
+                    if role[e] == "train"
+                ]
+                if use_aux
+                else []
+            )
+            if not train:
+                raise ConfigError(
+                    f"train config: fold {fold.name} of chrom {chrom} has no training "
+                    f"experiments of {cfg.assembly}."
+                )
+            name = f"{cfg.label}.{chrom}.{fold.name}"
+            specs.append(
+                RunSpec(
+                    store=str(store.root),
+                    assembly=cfg.assembly,
+                    chrom=chrom,
+                    fold=str(fold.name),
+                    model=cfg.model.name,
+                    params=params.model_dump(mode="json"),
+                    vocab=vocab.to_dict(),
+                    train=train,
+                    validate=validate,
+                    evaluate=[e for e in tgt["experiment"] if role[e] == "evaluate"],
+                    unscored=[e for e in tgt["experiment"] if role[e] == "unscored"],
+                    aux_name=cfg.synteny if use_aux else None,
+                    aux=aux,
+                    loop=cfg.train.model_dump(mode="json"),
+                    value_dtype=cfg.value_dtype,
+                    out_dir=str(Path(storage_path(cfg)) / name),
+                    store_hash=store.store_hash,
+                    label=cfg.label,
+                )
+            )
+    return store, specs
+
+
+def _pick_validation(
+    tgt: pd.DataFrame, train: list[str], v: ValidationSection, seed: int
+) -> tuple[list[str], list[str]]:
+    if v.per_assay == 0:
+        return train, []
+    rng = np.random.default_rng(seed)
+    sub = tgt[tgt["experiment"].isin(train)].sort_values("experiment")
+    val = []
+    for _, g in sub.groupby("assay", sort=True):
+        if len(g) - v.per_assay >= v.min_train:
+            val += list(rng.choice(g["experiment"].to_numpy(), v.per_assay, replace=False))
+    return [e for e in train if e not in set(val)], sorted(val)
+
+
+def storage_path(cfg: TrainConfig) -> str:
+    """Where Ray Train keeps runs and checkpoints: ``EPIRAY_STORAGE_PATH`` (shared storage on a
+    cluster) or the config's ``out``."""
+    return os.environ.get("EPIRAY_STORAGE_PATH") or str(Path(cfg.out).resolve())
+
+
+# ------------------------------------------------------------------------------------ worker
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker: load the slab, train (resuming if a checkpoint exists), predict."""
+    import ray.train
+    import ray.train.torch
+
+    spec = RunSpec(**config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    store = Store.open(spec.store)
+    vocab = Vocabulary.from_dict(spec.vocab)
+    n_bins = store.n_bins(spec.assembly, spec.chrom)
+    lo, hi = shard_bounds(n_bins, world, rank)
+    value_dtype = torch.float16 if spec.value_dtype == "float16" else torch.float32
+    aux = Aux(spec.aux_name, spec.aux) if spec.aux_name and spec.aux else None
+    data = load_chrom_data(
+        store,
+        spec.assembly,
+        spec.chrom,
+        lo,
+        hi,
+        vocab,
+        spec.train,
+        validate=spec.validate,
+        aux=aux,
+        device=device,
+        value_dtype=value_dtype,
+    )
+    loop_params = LoopParams.model_validate(spec.loop)
+    klass = get_model(spec.model)
+    ckpt = ray.train.get_checkpoint()
+    state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model, state = load_checkpoint(
+                Path(d) / f"rank{rank}.pt", data, store_summary=store.summary
+            )
+        log.info("rank %d resumes %s after epoch %d", rank, spec.label, state.epoch)
+    else:
+        model = klass.build(klass.Params.model_validate(spec.params), vocab, data)
+
+    run = None
+    if rank == 0 and spec.mlflow_run_id:
+        from epiray.tracking import TrackedRun, TrackingConfig, client
+
+        mlc = client(spec.tracking_uri)
+        run = TrackedRun(
+            TrackingConfig(tracking_uri=spec.tracking_uri), mlc, spec.mlflow_run_id, None, None
+        )
+
+    shards = [list(shard_bounds(n_bins, world, r)) for r in range(world)]
+
+    def save(d: Path, state, final: bool) -> None:
+        save_checkpoint(d / f"rank{rank}.pt", model, state)
+        if rank == 0:
+            meta = {
+                "model": spec.model,
+                "label": spec.label,
+                "params": spec.params,
+                "vocab": spec.vocab,
+                "store": spec.store,
+                "store_hash": spec.store_hash,
+                "assembly": spec.assembly,
+                "chrom": spec.chrom,
+                "fold": spec.fold,
+                "n_bins": n_bins,
+                "shards": shards,
+                "train": spec.train,
+                "validate": spec.validate,
+                "evaluate": spec.evaluate,
+                "aux_name": spec.aux_name,
+                "aux": spec.aux,
+                "value_dtype": spec.value_dtype,
+                "epoch": state.epoch,
+                "final": final,
+                "best_epoch": state.best_epoch,
+            }
+            (d / META).write_text(json.dumps(meta, indent=1))
+
+    def report(state, metrics: dict[str, Any], final: bool = False) -> None:
+        clean = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and v is not None
+        }
+        clean["final"] = float(final)
+        if run is not None and not final:
+            run.log_epoch(
+                int(metrics["epoch"]),
+                train={"mse": metrics["train_mse"], "examples_per_s": metrics["examples_per_s"]},
+                val={"mse": metrics["val_mse"]} if metrics.get("val_mse") is not None else None,
+            )
+        with tempfile.TemporaryDirectory() as d:
+            save(Path(d), state, final)
+            ray.train.report(
+                clean,
+                checkpoint=ray.train.Checkpoint.from_directory(d),
+                checkpoint_dir_name=f"epoch{state.epoch:04d}{'_final' if final else ''}",
+            )
+
+    if state is None or not (state.stopped or state.epoch >= loop_params.epochs):
+        state = fit(model, data, loop_params, callback=report, start_state=state)
+    elif loop_params.restore_best and state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    last = dict(state.history[-1]) if state.history else {"epoch": state.epoch}
+    report(
+        state,
+        {
+            **last,
+            "best_epoch": state.best_epoch,
+            "best_val_mse": state.best_val if np.isfinite(state.best_val) else None,
+        },
+        final=True,
+    )
+
+    # predictions of the held-out experiments on this worker's bins
+    out = Path(spec.out_dir) / "predictions"
+    model.eval()
+    with torch.no_grad():
+        for e in spec.evaluate + spec.unscored:
+            key = vocab.experiment_index(e)
+            pred = model.predict(data, key.biosample, key.assay).float().cpu().numpy()
+            p = out / e / f"{lo:012d}-{hi:012d}.npy"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(p.name + ".tmp.npy")
+            np.save(tmp, pred)
+            tmp.replace(p)
+
+
+# ------------------------------------------------------------------------------------ driver
+@dataclass
+class RunResult:
+    """What one (chromosome, fold) run produced."""
+
+    spec: RunSpec
+    checkpoint: str
+    scores: pd.DataFrame
+    history: pd.DataFrame
+    mlflow_run_id: str | None
+
+
+def _use_gpu(s: ScalingSection) -> bool:
+    if s.use_gpu == "auto":
+        import ray
+
+        return bool(ray.cluster_resources().get("GPU", 0))
+    return bool(s.use_gpu)
+
+
+def run_one(spec: RunSpec, cfg: TrainConfig, parent=None) -> RunResult:
+    """Train one (chromosome, fold) with a ``TorchTrainer``, then score the held-out tracks."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from epiray.tracking import start_run
+
+    name = Path(spec.out_dir).name
+    tracked = start_run(
+        cfg.tracking,
+        model=spec.label,
+        chrom=spec.chrom,
+        fold=spec.fold.removeprefix("fold"),
+        params=cfg,
+        parent=parent,
+        base_dir=cfg.out,
+        resume=True,
+        tags={"epiray.store_hash": spec.store_hash},
+    )
+    with tracked:
+        spec.mlflow_run_id, spec.tracking_uri = tracked.run_id, tracked.tracking_uri
+        use_gpu = _use_gpu(cfg.scaling)
+        resources = {"CPU": cfg.scaling.cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            train_fn_per_worker,
+            train_loop_config={"spec": spec.__dict__},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker=resources,
+            ),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=storage_path(cfg),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=0),
+            ),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise EpirayError(f"train {name}: training failed: {result.error}")
+        ckpt = result.checkpoint.path
+        history = (
+            result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        )
+        store = Store.open(spec.store)
+        scores = score_run(store, spec)
+        if cfg.baseline:
+            scores = pd.concat([scores, score_average_activity(store, spec)], ignore_index=True)
+        tracked.log_config(cfg)
+        tracked.set_tags({"epiray.checkpoint": ckpt})
+        if len(scores):
+            tracked.log_scores(scores)
+            own = scores[scores["model"] == spec.label]
+            tracked.log_metrics(
+                {
+                    f"test/{k}": own[k].mean()
+                    for k in ("mse", "pearson")
+                    if k in own and own[k].notna().any()
+                }
+            )
+        return RunResult(spec, ckpt, scores, history, tracked.run_id)
+
+
+def _read_predictions(spec: RunSpec, experiment: str) -> np.ndarray:
+    d = Path(spec.out_dir) / "predictions" / experiment
+    parts = sorted(d.glob("*-*.npy"))
+    if not parts:
+        raise EpirayError(
+            f"train {spec.label} {spec.chrom} fold {spec.fold}: no predictions "
+            f"for {experiment} in {d}."
+        )
+    return np.concatenate([np.load(p) for p in parts if not p.name.endswith(".tmp.npy")])
+
+
+def score_run(store: Store, spec: RunSpec, model_name: str | None = None) -> pd.DataFrame:
+    """Per-experiment scores of a finished run's held-out predictions."""
+    from epiray.metrics import score_track
+
+    exps = store.experiments().set_index("experiment")
+    rows = []
+    for e in spec.evaluate:
+        y = store.read(spec.assembly, spec.chrom, [e])[0]
+        yhat = _read_predictions(spec, e)
+        rows.append(_score_row(model_name or spec.label, e, exps, spec, score_track(y, yhat)))
+    return pd.DataFrame(rows)
+
+
+def _score_row(model: str, e: str, exps: pd.DataFrame, spec: RunSpec, s: dict) -> dict:
+    r = exps.loc[e]
+    return {
+        "model": model,
+        "experiment": e,
+        "biosample": r["biosample"],
+        "assay": r["assay"],
+        "category": r["category"],
+        "species": r["species"],
+        "fold": spec.fold,
+        "chrom": spec.chrom,
+        **{k: float(v) for k, v in s.items()},
+    }
+
+
+def score_average_activity(store: Store, spec: RunSpec) -> pd.DataFrame:
+    """The average activity baseline of the fold (mean of the training experiments of the
+    same assay, target species), streamed one training track at a time."""
+    from epiray.metrics import score_track
+
+    exps = store.experiments().set_index("experiment")
+    train_by_assay: dict[str, list[str]] = {}
+    for e in spec.train + spec.validate:
+        train_by_assay.setdefault(exps.loc[e, "assay"], []).append(e)
+    rows = []
+    cache: dict[str, np.ndarray] = {}
+    for e in spec.evaluate:
+        a = exps.loc[e, "assay"]
+        if a not in train_by_assay:
+            continue  # zero-shot: no target-species training track of this assay
+        if a not in cache:
+            acc = np.zeros(store.n_bins(spec.assembly, spec.chrom))
+            for t in train_by_assay[a]:
+                acc += store.read(spec.assembly, spec.chrom, [t])[0]
+            cache[a] = (acc / len(train_by_assay[a])).astype(np.float32)
+        y = store.read(spec.assembly, spec.chrom, [e])[0]
+        rows.append(_score_row("average_activity", e, exps, spec, score_track(y, cache[a])))
+    return pd.DataFrame(rows)
+
+
+def train(cfg: TrainConfig, *, parent=None) -> list[RunResult]:
+    """Run the ``train`` job: every (chromosome, fold) of the config, one after another.
+
+    Re-running the same config resumes unfinished runs from their last checkpoint (Ray
+    Train's job-level restoration by run name and storage path) and retrains nothing that
+    already finished... only if its checkpoint exists; finished runs are trained again only
+    when ``out`` was cleared.
+    """
+    from epiray.runtime import ensure_ray
+
+    _, specs = plan_runs(cfg)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, Path(cfg.out) / "train.resolved.yaml")
+    ensure_ray()
+    results = []
+    for spec in specs:
+        log.info(
+            "training %s on %s fold %s: %d train, %d validate, %d evaluate, %d aux",
+            spec.label,
+            spec.chrom,
+            spec.fold,
+            len(spec.train),
+            len(spec.validate),
+            len(spec.evaluate),
+            len(spec.aux),
+        )
+        results.append(run_one(spec, cfg, parent=parent))
+    return results
+
+
+def write_summary(results: Sequence[RunResult], path: Path) -> pd.DataFrame:
+    """All runs' scores in one table (Parquet + CSV), returned."""
+    scores = (
+        pd.concat([r.scores for r in results], ignore_index=True) if results else pd.DataFrame()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path.with_suffix(".csv"), scores.to_csv(index=False))
+    return scores
