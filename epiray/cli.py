@@ -115,6 +115,59 @@ def _run_quickstart(args) -> None:
     run(cfg.model_copy(update={k: v for k, v in update.items() if v}), say=print)
 
 
+# ------------------------------------------------------------------------------------ synteny
+def _add_synteny(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="synteny YAML (see configs/synteny.yaml)")
+    p.add_argument("--store", type=Path, help="store directory (quick form)")
+    p.add_argument("--chain", type=Path, help="UCSC chain file, plain or gzip (quick form)")
+    p.add_argument("--human-assembly", help="assembly of the aligned species (e.g. hg38)")
+    p.add_argument("--mouse-assembly", help="assembly of the modelled species (e.g. mm10)")
+    p.add_argument(
+        "--orientation",
+        choices=["target_human", "target_mouse"],
+        default="target_human",
+        help="target_human for hg38ToMm10-style files (the paper's), target_mouse "
+        "for mm10ToHg38-style files",
+    )
+    p.add_argument(
+        "--minus-strand",
+        choices=["paper", "mirrored"],
+        default="paper",
+        help="bin pairing of '-' strand blocks (default: the paper's rule)",
+    )
+    p.add_argument("--name", help="synteny name (default: the chain file's name)")
+    _add_reuse(p, "synteny")
+
+
+def _run_synteny(args) -> None:
+    from epiray.config import load_config
+    from epiray.synteny import SyntenyConfig, build
+
+    if args.config:
+        cfg = load_config(SyntenyConfig, args.config)
+    else:
+        need = {
+            "--store": args.store,
+            "--chain": args.chain,
+            "--human-assembly": args.human_assembly,
+            "--mouse-assembly": args.mouse_assembly,
+        }
+        missing = [k for k, v in need.items() if not v]
+        if missing:
+            raise EpirayError(f"synteny: give --config F, or {' '.join(missing)}.")
+        cfg = SyntenyConfig(
+            store=str(args.store.resolve()),
+            chain=str(args.chain.resolve()),
+            human_assembly=args.human_assembly,
+            mouse_assembly=args.mouse_assembly,
+            orientation=args.orientation,
+            minus_strand=args.minus_strand,
+            name=args.name,
+        )
+    store = build(cfg, overwrite=args.overwrite, resume=args.resume)
+    print(store.describe())
+
+
 # ------------------------------------------------------------------------------------ train
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -164,6 +217,11 @@ COMMANDS = {
         "bin tracks (bigWig, .npy/.npz) into the Parquet store with Ray Data",
         _add_ingest,
         _run_ingest,
+    ),
+    "synteny": (
+        "map human tracks onto mouse bins through a liftOver chain file",
+        _add_synteny,
+        _run_synteny,
     ),
     "info": ("summarise a store", _add_info, _run_info),
     "train": ("train a model per chromosome and fold with Ray Train", _add_train, _run_train),
