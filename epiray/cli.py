@@ -89,13 +89,18 @@ def _run_ingest(args) -> None:
 
 # ------------------------------------------------------------------------------------ info
 def _add_info(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", type=Path, help="store directory")
+    p.add_argument("path", type=Path, help="store directory or imputation output folder")
     p.add_argument("--experiments", action="store_true", help="list every experiment")
 
 
 def _run_info(args) -> None:
-    from epiray.store import Store
+    from epiray.store import SUMMARY, Store
 
+    if not (args.path / SUMMARY).is_file() and any(args.path.glob("*.json")):
+        from epiray.impute import describe_outputs
+
+        print(describe_outputs(args.path))
+        return
     print(Store.open(args.path).describe(experiments=args.experiments))
 
 
@@ -201,6 +206,35 @@ def _run_train(args) -> None:
         print(format_table(comparison_table(pd.concat(scores, ignore_index=True)), "text"))
 
 
+# ------------------------------------------------------------------------------------ impute
+def _add_impute(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", type=Path, required=True, help="impute YAML (see configs/impute.yaml)"
+    )
+    p.add_argument("--no-hub", action="store_true", help="do not write the track hub")
+    _add_reuse(p, "output folder")
+
+
+def _run_impute(args) -> None:
+    import functools
+
+    from epiray.config import dump_config, load_config
+    from epiray.impute import ImputeConfig, describe_outputs, impute
+    from epiray.trackhub import write_trackhub
+    from epiray.train import load_predictor
+
+    cfg = load_config(ImputeConfig, args.config)
+    upd = {k: True for k in ("overwrite", "resume") if getattr(args, k)}
+    cfg = cfg.model_copy(update=upd)
+    res = impute(cfg, functools.partial(load_predictor, cfg.model))
+    dump_config(cfg, Path(cfg.output_dir) / "impute.resolved.yaml")
+    if not args.no_hub:
+        hub = write_trackhub(cfg.output_dir, overwrite=True)
+        print(f"track hub: {hub}")
+    print(f"{len(res.written)} bigWigs written, {len(res.skipped)} kept from an earlier run")
+    print(describe_outputs(cfg.output_dir))
+
+
 # ------------------------------------------------------------------------------------ main
 COMMANDS = {
     "quickstart": (
@@ -223,7 +257,8 @@ COMMANDS = {
         _add_synteny,
         _run_synteny,
     ),
-    "info": ("summarise a store", _add_info, _run_info),
+    "impute": ("impute tracks genome-wide into bigWigs and a track hub", _add_impute, _run_impute),
+    "info": ("summarise a store or an imputation output folder", _add_info, _run_info),
     "train": ("train a model per chromosome and fold with Ray Train", _add_train, _run_train),
 }
 

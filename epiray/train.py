@@ -125,7 +125,7 @@ class TrainConfig(Section):
         """Name of the model in runs and tables, e.g. ``avocado`` or ``avocado_cross_species``."""
         if self.variant_name:
             return self.variant_name
-        v = self.model.params.get("variant")
+        v = getattr(self.model_params(), "variant", None)
         return f"{self.model.name}_{v}" if v else self.model.name
 
 
@@ -322,6 +322,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     spec = RunSpec(**config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # one line per epoch from rank 0; Ray Train's own per-report lines are noise here
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("epiray").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     device = ray.train.torch.get_device()
     store = Store.open(spec.store)
     vocab = Vocabulary.from_dict(spec.vocab)
@@ -390,6 +393,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 "epoch": state.epoch,
                 "final": final,
                 "best_epoch": state.best_epoch,
+                "history": [
+                    {k: v for k, v in h.items() if not isinstance(v, list)} for h in state.history
+                ],
             }
             (d / META).write_text(json.dumps(meta, indent=1))
 
@@ -463,8 +469,21 @@ def _use_gpu(s: ScalingSection) -> bool:
     return bool(s.use_gpu)
 
 
-def run_one(spec: RunSpec, cfg: TrainConfig, parent=None) -> RunResult:
-    """Train one (chromosome, fold) with a ``TorchTrainer``, then score the held-out tracks."""
+def run_one(
+    spec: RunSpec,
+    cfg: TrainConfig,
+    parent=None,
+    *,
+    trial: str | None = None,
+    callbacks: Sequence[Any] = (),
+) -> RunResult:
+    """Train one (chromosome, fold) with a ``TorchTrainer``, then score the held-out tracks.
+
+    ``trial`` (a Ray Tune trial id) is appended to the MLflow run name and tagged;
+    ``callbacks`` are Ray Train ``UserCallback`` objects for the run's ``RunConfig`` (a sweep
+    passes ``ray.tune.integration.ray_train.TuneReportCallback`` so per-epoch metrics reach
+    Tune).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -476,6 +495,7 @@ def run_one(spec: RunSpec, cfg: TrainConfig, parent=None) -> RunResult:
         model=spec.label,
         chrom=spec.chrom,
         fold=spec.fold.removeprefix("fold"),
+        trial=trial,
         params=cfg,
         parent=parent,
         base_dir=cfg.out,
@@ -501,15 +521,14 @@ def run_one(spec: RunSpec, cfg: TrainConfig, parent=None) -> RunResult:
                 storage_path=storage_path(cfg),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=0),
+                callbacks=list(callbacks) or None,
             ),
         )
         result = trainer.fit()
         if result.error:
             raise EpirayError(f"train {name}: training failed: {result.error}")
         ckpt = result.checkpoint.path
-        history = (
-            result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        )
+        history = pd.DataFrame(json.loads((Path(ckpt) / META).read_text())["history"])
         store = Store.open(spec.store)
         scores = score_run(store, spec)
         if cfg.baseline:
@@ -631,3 +650,89 @@ def write_summary(results: Sequence[RunResult], path: Path) -> pd.DataFrame:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path.with_suffix(".csv"), scores.to_csv(index=False))
     return scores
+
+
+# ------------------------------------------------------------------------- trained models
+def final_checkpoint(run_dir: str | Path) -> Path:
+    """The final checkpoint directory of a finished run (``epochNNNN_final``).
+
+    Raises
+    ------
+    EpirayError
+        The run directory is missing or its training never finished.
+    """
+    run_dir = Path(run_dir)
+    finals = sorted(run_dir.glob("epoch*_final")) if run_dir.is_dir() else []
+    if not finals:
+        raise EpirayError(
+            f"trained model {run_dir}: no final checkpoint; expected a finished run of "
+            "`epiray train` there. Train that chromosome first (or fix the model path)."
+        )
+    return finals[-1]
+
+
+def load_shards(
+    checkpoint: str | Path, device: torch.device | str | None = None, store: Store | None = None
+) -> list[tuple[Any, Any]]:
+    """Every worker shard of a trained model as ``(model, ChromData)``, tiling its chromosome.
+
+    The shards are rebuilt on ``device`` from the store the model was trained on (checked
+    against the model's vocabulary), so models that impute from observed tracks (eDICE) have
+    them.
+    """
+    from epiray.models import default_device
+
+    checkpoint = Path(checkpoint)
+    meta = json.loads((checkpoint / META).read_text())
+    store = store or Store.open(meta["store"])
+    vocab = Vocabulary.from_dict(meta["vocab"])
+    dev = torch.device(device) if device is not None else default_device()
+    dtype = torch.float16 if meta["value_dtype"] == "float16" else torch.float32
+    aux = Aux(meta["aux_name"], meta["aux"]) if meta.get("aux_name") and meta.get("aux") else None
+    shards = []
+    for rank, (lo, hi) in enumerate(meta["shards"]):
+        data = load_chrom_data(
+            store,
+            meta["assembly"],
+            meta["chrom"],
+            lo,
+            hi,
+            vocab,
+            meta["train"],
+            aux=aux,
+            device=dev,
+            value_dtype=dtype,
+        )
+        model, _ = load_checkpoint(
+            checkpoint / f"rank{rank}.pt", data, store_summary=store.summary
+        )
+        model.eval()
+        shards.append((model, data))
+    return shards
+
+
+def load_predictor(model: str, chrom: str):
+    """The imputation predictor of one chromosome.
+
+    Parameters
+    ----------
+    model
+        Run directory pattern with a ``{chrom}`` placeholder, e.g.
+        ``quickstart/runs/avocado_cross_species.{chrom}.fold0`` (``epiray train`` names runs
+        ``{model label}.{chrom}.{fold}`` under its ``out``).
+    chrom
+        Chromosome.
+
+    Raises
+    ------
+    EpirayError
+        No finished model for ``chrom``.
+    """
+    from epiray.impute import ModelPredictor
+
+    if "{chrom}" not in model:
+        raise ConfigError(
+            f"impute model {model!r}: expected a run directory pattern with a {{chrom}} "
+            "placeholder, e.g. runs/avocado_mouse_only.{chrom}.fold0."
+        )
+    return ModelPredictor(load_shards(final_checkpoint(model.format(chrom=chrom))))
