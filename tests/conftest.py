@@ -87,3 +87,20 @@ def small_bigwigs(tmp_path):
         )
         del i
     return write_tsv(tmp_path / "manifest.tsv", rows), sizes, truth
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, ray_local):
+    """A tiny synthetic human+mouse compendium ingested into a float32 store (session-wide).
+
+    Returns (synthetic result, Store).
+    """
+    from epiray import synthetic
+    from epiray.ingest import IngestConfig, ingest
+
+    root = tmp_path_factory.mktemp("tiny")
+    res = synthetic.generate(root / "data", seed=3, params=synthetic.SynthParams.tiny())
+    store = ingest(
+        IngestConfig(manifest=str(res.manifest), store=str(root / "store"), chroms="all")
+    )
+    return res, store
