@@ -26,7 +26,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     n = num_cpus or max(4, 2 * (os.cpu_count() or 1))
     ray.init(
         num_cpus=n,
-        include_dashboard=False,
+        include_dashboard=True,  # serves the State API that Ray Train's PG cleaner polls
+        dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,

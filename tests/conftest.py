@@ -41,7 +41,13 @@ def ray_local():
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+            logging_level="ERROR",
+        )
     yield ray
     # left running for the session; pytest's exit shuts it down
 
