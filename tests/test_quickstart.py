@@ -1,0 +1,73 @@
+"""The quickstart end to end at a reduced size, its outputs checked, and its re-run reusing
+what is there."""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyBigWig
+import pytest
+
+from epiray.quickstart import QuickstartConfig, run
+from epiray.store import Store
+
+pytestmark = pytest.mark.ray
+
+
+def test_quickstart_tiny(tmp_path, ray_local):
+    cfg = QuickstartConfig(
+        out=str(tmp_path / "qs"), preset="tiny", epochs=2, n_nodes=16, batch_size=2048
+    )
+    lines: list[str] = []
+    res = run(cfg, say=lines.append)
+    text = "\n".join(lines)
+    # the comparison table was printed, with both models and the baseline
+    assert "held-out MSE" in text and "mlflow ui --backend-store-uri" in text
+    table = res["table"]
+    assert {"avocado_mouse_only", "avocado_cross_species"} <= set(table.index)
+    assert np.isfinite(table.loc["avocado_cross_species", "overall"])
+    scores = pd.read_csv(tmp_path / "qs" / "scores.csv")
+    assert set(scores["model"]) >= {"avocado_mouse_only", "avocado_cross_species"}
+    assert scores["category"].eq("protein_binding").all()  # the zero-shot assays
+    assert np.isfinite(scores["mse"]).all()
+
+    # MLflow: a parent run and one child per model, finished
+    mlc = mlflow.MlflowClient(res["tracking_uri"])
+    exp = mlc.get_experiment_by_name("epiray-quickstart")
+    runs = mlc.search_runs([exp.experiment_id])
+    names = {r.info.run_name: r for r in runs}
+    assert "quickstart" in names
+    assert "avocado_cross_species.chr1.fold0" in names
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parent = names["quickstart"].info.run_id
+    assert names["avocado_cross_species.chr1.fold0"].data.tags["mlflow.parentRunId"] == parent
+
+    # bigWigs: readable, header = the assembly, values = the model's predictions
+    store = Store.open(res["store"])
+    sizes = store.chrom_sizes("mmSyn1")
+    out = tmp_path / "qs" / "imputed"
+    bws = sorted(out.glob("*.bw"))
+    assert bws and (out / "hub.txt").is_file()
+    side = json.loads(bws[0].with_suffix(".json").read_text())
+    bw = pyBigWig.open(str(bws[0]))
+    assert bw.chroms() == sizes
+    vals = np.array([v for _, _, v in bw.intervals("chr1")])
+    assert len(vals) == store.n_bins("mmSyn1", "chr1")
+    from epiray.train import final_checkpoint, load_shards
+
+    shards = load_shards(
+        final_checkpoint(tmp_path / "qs" / "runs" / "avocado_cross_species.chr1.fold0")
+    )
+    model, data = shards[0]
+    b = model.vocab.biosample_index(side["biosample"])
+    a = model.vocab.assay_index(side["assay"])
+    pred = model.predict(data, b, a).float().cpu().numpy()
+    np.testing.assert_allclose(vals, pred, rtol=1e-5, atol=1e-6)
+
+    # re-running reuses everything: no bigWig rewritten
+    mtimes = {p: p.stat().st_mtime_ns for p in bws}
+    lines.clear()
+    run(cfg, say=lines.append)
+    assert "reusing the synthetic compendium" in "\n".join(lines)
+    assert {p: p.stat().st_mtime_ns for p in bws} == mtimes
