@@ -235,6 +235,44 @@ def _run_impute(args) -> None:
     print(describe_outputs(cfg.output_dir))
 
 
+# ------------------------------------------------------------------------------------ evaluate
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", type=Path, required=True, help="evaluate YAML (see configs/evaluate.yaml)"
+    )
+
+
+def _run_evaluate(args) -> None:
+    from epiray.config import dump_config, load_config
+    from epiray.evaluate import format_table
+    from epiray.score import EvaluateConfig, evaluate_runs
+
+    cfg = load_config(EvaluateConfig, args.config)
+    res = evaluate_runs(cfg)
+    dump_config(cfg, Path(cfg.out) / "evaluate.resolved.yaml")
+    print(format_table(res["comparison"], "text"))
+    print(f"tables in {cfg.out}; MLflow run {res['run_id']} ({res['tracking_uri']})")
+
+
+# ------------------------------------------------------------------------------------ report
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_or_experiment", help="an MLflow run id or experiment name")
+    p.add_argument(
+        "--tracking-uri",
+        default="sqlite:///mlflow.db",
+        help="MLflow tracking URI (default: sqlite:///mlflow.db)",
+    )
+    p.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
+    p.add_argument("--metric", default="mse", help="metric of the tables (default: mse)")
+
+
+def _run_report(args) -> None:
+    from epiray.evaluate import load_scores, render_report
+
+    scores = load_scores(args.tracking_uri, args.run_or_experiment)
+    print(render_report(scores, args.format, metric=args.metric))
+
+
 # ------------------------------------------------------------------------------------ main
 COMMANDS = {
     "quickstart": (
@@ -256,6 +294,16 @@ COMMANDS = {
         "map human tracks onto mouse bins through a liftOver chain file",
         _add_synteny,
         _run_synteny,
+    ),
+    "evaluate": (
+        "score trained runs on their held-out experiments; tables, plots, MLflow",
+        _add_evaluate,
+        _run_evaluate,
+    ),
+    "report": (
+        "print the comparison tables of an MLflow run or experiment",
+        _add_report,
+        _run_report,
     ),
     "impute": ("impute tracks genome-wide into bigWigs and a track hub", _add_impute, _run_impute),
     "info": ("summarise a store or an imputation output folder", _add_info, _run_info),

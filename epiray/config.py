@@ -24,29 +24,48 @@ class Section(BaseModel):
 T = TypeVar("T", bound=BaseModel)
 
 
+#: keys whose string values are paths (by suffix: ``manifest``, ``chrom_sizes``, ``output_dir``)
+PATH_SUFFIXES = (
+    "path",
+    "dir",
+    "file",
+    "manifest",
+    "store",
+    "out",
+    "chain",
+    "chrom_sizes",
+    "root",
+    "output",
+    "genes",
+    "enhancers",
+    "blacklist",
+    "predictd_splits",
+)
+#: keys whose value is a path only when it is a string (``model`` is also a section name)
+PATH_IF_STRING = ("model",)
+#: keys whose mapping values are paths (``runs: {label: pattern}``)
+PATH_MAPPINGS = ("runs",)
+
+
 def _resolve_paths(node: Any, base: Path, key: str = "") -> Any:
-    """Resolve relative path-like strings (keys ending in path/dir/file/manifest/store/out/
-    chain/chrom_sizes) against ``base``."""
-    suffixes = (
-        "path",
-        "dir",
-        "file",
-        "manifest",
-        "store",
-        "out",
-        "chain",
-        "chrom_sizes",
-        "root",
-        "output",
-    )
+    """Resolve relative path-valued strings against ``base`` (see :data:`PATH_SUFFIXES`,
+    :data:`PATH_IF_STRING`, :data:`PATH_MAPPINGS`); URIs (``scheme://``) are left alone."""
     if isinstance(node, dict):
+        if key in PATH_MAPPINGS:
+            return {k: _resolve_one(v, base) for k, v in node.items()}
         return {k: _resolve_paths(v, base, str(k)) for k, v in node.items()}
     if isinstance(node, list):
         return [_resolve_paths(v, base, key) for v in node]
-    if isinstance(node, str) and key.endswith(suffixes) and "://" not in node:
-        p = Path(node).expanduser()
-        return str(p if p.is_absolute() else (base / p).resolve())
+    if isinstance(node, str) and (key.endswith(PATH_SUFFIXES) or key in PATH_IF_STRING):
+        return _resolve_one(node, base)
     return node
+
+
+def _resolve_one(value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or "://" in value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -587,47 +587,73 @@ def _score_row(model: str, e: str, exps: pd.DataFrame, spec: RunSpec, s: dict) -
     }
 
 
-def score_average_activity(store: Store, spec: RunSpec) -> pd.DataFrame:
-    """The average activity baseline of the fold (METHODS §4): the mean of the fold's
-    target-species training experiments of the same assay, streamed one track at a time.
+def average_activity_tracks(
+    store: Store,
+    assembly: str,
+    chrom: str,
+    train: Sequence[str],
+    held_out: Sequence[str],
+    evaluate: Sequence[str],
+) -> dict[str, tuple[np.ndarray, str]]:
+    """The average activity baseline (METHODS §4) of every experiment of ``evaluate``.
 
-    For an assay with no training experiment (a zero-shot fold) the baseline is, as in the
-    cross-species paper's zero-shot comparison, the mean of the *other* held-out
-    target-species experiments of that assay — data the models never see, so it is a strong
-    reference, not a competitor; such rows are marked ``baseline_source = "held_out"``. An
-    assay with a single experiment in all has no baseline.
+    The mean of the fold's target-species training experiments of the same assay, streamed
+    one track at a time. For an assay with no training experiment (a zero-shot fold) it is, as
+    in the cross-species paper's zero-shot comparison, the mean of the *other* held-out
+    experiments of that assay — data the models never see, so a strong reference rather than
+    a competitor (source ``"held_out"``). An assay with a single experiment has no baseline.
+
+    Returns
+    -------
+    dict
+        ``experiment -> (float32 [n_bins], source)`` with source ``"train"`` or ``"held_out"``.
     """
-    from epiray.metrics import score_track
-
     exps = store.experiments().set_index("experiment")
-    nb = store.n_bins(spec.assembly, spec.chrom)
+    nb = store.n_bins(assembly, chrom)
     by_assay: dict[str, list[str]] = {}
-    for e in spec.train + spec.validate:
+    for e in train:
         by_assay.setdefault(exps.loc[e, "assay"], []).append(e)
     held: dict[str, list[str]] = {}
-    for e in spec.evaluate + spec.unscored:
+    for e in held_out:
         held.setdefault(exps.loc[e, "assay"], []).append(e)
 
     def mean_of(tracks: list[str]) -> np.ndarray:
         acc = np.zeros(nb)
         for t in tracks:
-            acc += store.read(spec.assembly, spec.chrom, [t])[0]
+            acc += store.read(assembly, chrom, [t])[0]
         return (acc / len(tracks)).astype(np.float32)
 
-    rows, cache = [], {}
-    for e in spec.evaluate:
+    out, cache = {}, {}
+    for e in evaluate:
         a = exps.loc[e, "assay"]
         if a in by_assay:
             if a not in cache:
                 cache[a] = mean_of(by_assay[a])
-            aa, source = cache[a], "train"
+            out[e] = (cache[a], "train")
         else:
             others = [t for t in held.get(a, []) if t != e]
-            if not others:
-                continue
-            aa, source = mean_of(others), "held_out"
+            if others:
+                out[e] = (mean_of(others), "held_out")
+    return out
+
+
+def score_average_activity(store: Store, spec: RunSpec) -> pd.DataFrame:
+    """Scores of the fold's average activity baseline (:func:`average_activity_tracks`)."""
+    from epiray.metrics import score_track
+
+    exps = store.experiments().set_index("experiment")
+    aa = average_activity_tracks(
+        store,
+        spec.assembly,
+        spec.chrom,
+        spec.train + spec.validate,
+        spec.evaluate + spec.unscored,
+        spec.evaluate,
+    )
+    rows = []
+    for e, (track, source) in aa.items():
         y = store.read(spec.assembly, spec.chrom, [e])[0]
-        row = _score_row("average_activity", e, exps, spec, score_track(y, aa))
+        row = _score_row("average_activity", e, exps, spec, score_track(y, track))
         rows.append({**row, "baseline_source": source})
     return pd.DataFrame(rows)
 

@@ -71,3 +71,33 @@ def test_quickstart_tiny(tmp_path, ray_local):
     run(cfg, say=lines.append)
     assert "reusing the synthetic compendium" in "\n".join(lines)
     assert {p: p.stat().st_mtime_ns for p in bws} == mtimes
+
+    # the evaluate job re-scores the trained runs: same held-out MSEs as training reported
+    from epiray.score import EvaluateConfig, evaluate_runs
+    from epiray.tracking import TrackingConfig
+
+    runs = tmp_path / "qs" / "runs"
+    ecfg = EvaluateConfig(
+        store=res["store"],
+        out=str(tmp_path / "eval"),
+        chroms=["chr1"],
+        folds=["fold0"],
+        runs={
+            m: str(runs / f"{m}.{{chrom}}.{{fold}}")
+            for m in ("avocado_mouse_only", "avocado_cross_species")
+        },
+        tracking=TrackingConfig(experiment="t-eval"),
+    )
+    tables = evaluate_runs(ecfg)
+    ev = tables["scores"].set_index(["model", "experiment"])["mse"].sort_index()
+    tr = scores.set_index(["model", "experiment"])["mse"].sort_index()
+    np.testing.assert_allclose(ev.loc[tr.index], tr, rtol=1e-4)
+    for name in ("comparison", "paired", "improvement", "report"):
+        assert (tmp_path / "eval" / f"{name}.{'md' if name == 'report' else 'csv'}").is_file()
+    arts = [
+        a.path
+        for a in mlflow.MlflowClient(tables["tracking_uri"]).list_artifacts(
+            tables["run_id"], "plots"
+        )
+    ]
+    assert any(a.endswith(".png") for a in arts)
