@@ -273,6 +273,19 @@ def _run_report(args) -> None:
     print(render_report(scores, args.format, metric=args.metric))
 
 
+# ------------------------------------------------------------------------------------ sweep
+def _add_sweep(p: argparse.ArgumentParser) -> None:
+    from epiray.sweep import add_cli_args
+
+    add_cli_args(p)
+
+
+def _run_sweep(args) -> None:
+    from epiray.sweep import cli_run
+
+    cli_run(args)
+
+
 # ------------------------------------------------------------------------------------ main
 COMMANDS = {
     "quickstart": (
@@ -294,6 +307,11 @@ COMMANDS = {
         "map human tracks onto mouse bins through a liftOver chain file",
         _add_synteny,
         _run_synteny,
+    ),
+    "sweep": (
+        "Ray Tune sweeps over folds, chromosomes, variants and hyperparameters",
+        _add_sweep,
+        _run_sweep,
     ),
     "evaluate": (
         "score trained runs on their held-out experiments; tables, plots, MLflow",
