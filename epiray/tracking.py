@@ -214,8 +214,16 @@ class TrackingConfig(Section):
         return uri
 
     def resolved_uri(self, base_dir: str | Path | None = None) -> str:
-        """The tracking URI made absolute against ``base_dir`` (:func:`resolve_tracking_uri`)."""
-        return resolve_tracking_uri(self.tracking_uri, base_dir, self.allow_file_store)
+        """The tracking URI made absolute against ``base_dir`` (:func:`resolve_tracking_uri`).
+
+        When the config leaves ``tracking_uri`` unset, ``MLFLOW_TRACKING_URI`` from the
+        environment wins over the default (the cluster manifests set it to the MLflow server).
+        """
+        uri = self.tracking_uri
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env and "tracking_uri" not in self.model_fields_set:
+            uri = env
+        return resolve_tracking_uri(uri, base_dir, self.allow_file_store)
 
     def resolved_artifact_location(self, base_dir: str | Path | None = None) -> str | None:
         """Artifact root for a new experiment: the configured one (relative paths against

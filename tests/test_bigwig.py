@@ -4,7 +4,7 @@ import numpy as np
 import pyBigWig
 import pytest
 
-from epiray.bigwig import bin_intervals, bigwig_chroms, open_bigwig, read_binned, write_bigwig
+from epiray.bigwig import bigwig_chroms, bin_intervals, open_bigwig, read_binned, write_bigwig
 from epiray.errors import InputDataError
 
 

@@ -588,3 +588,14 @@ def test_start_run_error_paths(logged):
             run.log_scores(pd.DataFrame({"model": ["avocado"], "mse": [0.1]}))
         with pytest.raises(ConfigError, match="no database file"):
             tracking.resolve_tracking_uri("sqlite://")
+
+
+def test_tracking_uri_from_environment(monkeypatch, tmp_path):
+    from epiray.tracking import TrackingConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert TrackingConfig().resolved_uri(tmp_path) == "http://127.0.0.1:5999"
+    explicit = TrackingConfig(tracking_uri="sqlite:///x.db")
+    assert explicit.resolved_uri(tmp_path) == f"sqlite:///{tmp_path / 'x.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert TrackingConfig().resolved_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
