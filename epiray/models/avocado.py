@@ -262,6 +262,49 @@ class Avocado(ImputationModel):
         model.load_state_dict(state_dict)
         return model.to(data.device)
 
+    @classmethod
+    def transfer(
+        cls, trained: Avocado, data: ChromData, vocab: Vocabulary | None = None
+    ) -> Avocado:
+        """A model for another chromosome (or slab) that fits only genome factors.
+
+        The network and the biosample/assay factors are copied from ``trained`` and frozen;
+        the genome factors of ``data``'s bins start fresh. Train it with
+        :func:`epiray.loop.fit` (pass ``state.for_new_phase()`` to keep Adam moments).
+
+        Parameters
+        ----------
+        trained
+            A trained Avocado (any chromosome).
+        data
+            The new slab.
+        vocab
+            Its vocabulary (default: ``trained.vocab`` for ``data.chrom`` / ``data.n_bins``).
+        """
+        vocab = vocab or trained.vocab.for_chrom(data.chrom, data.n_bins)
+        cls._check_data(trained.params, vocab, data)
+        aux_groups = cls._aux_groups(trained.params, data) if trained.aux_genome else None
+        model = cls(
+            trained.params,
+            vocab,
+            data.lo,
+            data.hi,
+            n_aux_positions=data.n_aux_positions,
+            aux_groups=aux_groups,
+            biosample_chunks=tuple(c.shape[0] for c in trained.biosample_factors),
+            assay_chunks=tuple(c.shape[0] for c in trained.assay_factors),
+        ).to(data.device)
+        model.load_dense_state(trained.state_dict())
+        model.freeze({"network", "biosample", "assay"})
+        return model
+
+    def load_dense_state(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Network and biosample/assay factors from ``state_dict``; genome factors and the
+        concat variant's other-species groups (both per chromosome) are kept."""
+        keep = {k: v for k, v in state_dict.items() if not k.startswith("aux_group")}
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("aux_group")}
+        super().load_dense_state({**keep, **own})
+
     @staticmethod
     def _check_data(params: AvocadoParams, vocab: Vocabulary, data: ChromData) -> None:
         where = f"model avocado ({params.variant}) chrom {data.chrom!r}"
@@ -485,7 +528,12 @@ class Avocado(ImputationModel):
         e = data.n_experiments
         variant = self.params.variant
         pair_b, pair_a = data.biosample, data.assay
-        if variant == "mouse_only":
+        n_units = 0
+        if variant != "mouse_only":
+            n_units = (
+                data.aux_values.shape[1] if variant == "cross_species" else self.n_aux_positions
+            )
+        if n_units == 0:  # mouse_only, or a slab no alignment row reaches: target examples only
             n_target = batch_size
         else:
             pair_b = torch.cat([data.biosample, data.aux_biosample])
@@ -493,10 +541,9 @@ class Avocado(ImputationModel):
             n_target = max(1, round(batch_size * (1 - self.params.aux_fraction)))
         perm = torch.randperm(n, generator=generator, device=dev)
         aux_stream = None
-        if variant != "mouse_only":
+        if n_units > 0:
             n_rows = data.aux_values.shape[1]
-            n_aux_units = n_rows if variant == "cross_species" else self.n_aux_positions
-            aux_stream = _PermutationStream(n_aux_units, generator, dev)
+            aux_stream = _PermutationStream(n_units, generator, dev)
             if variant == "concat":
                 pos_row = torch.empty(self.n_aux_positions, dtype=torch.long, device=dev)
                 pos_row[data.aux_pos] = torch.arange(n_rows, device=dev)
