@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from epiray.errors import ConfigError, EpirayWarning, InputDataError, collect
+from epiray.manifest import REQUIRED
 
 __all__ = [
     "FOLDS_FORMAT",
@@ -63,14 +64,8 @@ __all__ = [
 
 FOLDS_FORMAT = "epiray.folds/1"
 ROLES: tuple[str, ...] = ("train", "validate", "evaluate", "unscored")
-TABLE_COLUMNS: tuple[str, ...] = (
-    "experiment",
-    "species",
-    "assembly",
-    "biosample",
-    "assay",
-    "category",
-)
+#: the manifest's required columns but the file path
+TABLE_COLUMNS: tuple[str, ...] = tuple(c for c in REQUIRED if c != "path")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from epiray.manifest import manifest_hash, read_manifest, write_manifest
 from epiray.store import (
     DEFAULT_BLOCK_BINS,
     MANIFEST,
+    RECORD_FIELDS,
     Store,
     file_checksum,
     read_part_meta,
@@ -516,20 +517,7 @@ def _update_summary(store: Store, df: pd.DataFrame, assemblies) -> None:
     for row in df.itertuples(index=False):
         _, chroms = assemblies[row.assembly]
         st = os.stat(row.path)
-        rec = {
-            k: (None if (v := getattr(row, k)) is None or v != v else v)
-            for k in (
-                "species",
-                "assembly",
-                "biosample",
-                "assay",
-                "category",
-                "donor",
-                "fold",
-                "transform",
-                "path",
-            )
-        }
+        rec = {k: (None if (v := getattr(row, k)) is None or v != v else v) for k in RECORD_FIELDS}
         done: dict[str, Any] = {}
         checksum = None
         for chrom in chroms:

@@ -46,6 +46,18 @@ DTYPES = ("float16", "float32")
 META_KEY = b"epiray"
 
 Dtype = Literal["float16", "float32"]
+#: manifest fields recorded per experiment in ``store.json`` (with ``checksum`` and ``chroms``)
+RECORD_FIELDS = (
+    "species",
+    "assembly",
+    "biosample",
+    "assay",
+    "category",
+    "donor",
+    "fold",
+    "transform",
+    "path",
+)
 
 
 # --------------------------------------------------------------------------------------- files
@@ -367,21 +379,7 @@ class Store:
             rows.append(
                 {
                     "experiment": e,
-                    **{
-                        k: v.get(k)
-                        for k in (
-                            "species",
-                            "assembly",
-                            "biosample",
-                            "assay",
-                            "category",
-                            "donor",
-                            "fold",
-                            "transform",
-                            "path",
-                            "checksum",
-                        )
-                    },
+                    **{k: v.get(k) for k in (*RECORD_FIELDS, "checksum")},
                     "n_chroms": len(chroms),
                     "n_bins": n,
                     "mean": mean,

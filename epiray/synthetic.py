@@ -64,6 +64,7 @@ from scipy.ndimage import uniform_filter1d
 
 from epiray.config import Section
 from epiray.errors import ConfigError, InputDataError, collect
+from epiray.manifest import CATEGORIES as MANIFEST_CATEGORIES
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +113,7 @@ _REGULATORY = np.array([True, True, True, True, False, False, False])
 _NOISE_BP = 120  # correlation length of the noise (about a sequenced fragment)
 
 PROGRAMS = ("liver", "brain", "blood", "heart", "esc", "fibroblast")
-CATEGORIES = (
-    "histone_modification",
-    "protein_binding",
-    "transcription",
-    "accessibility",
-    "other",
-)
+CATEGORIES = MANIFEST_CATEGORIES
 
 
 @dataclass(frozen=True)
