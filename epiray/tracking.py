@@ -168,6 +168,12 @@ def resolve_tracking_uri(
     return uri
 
 
+#: ``MLFLOW_TRACKING_URI`` as the process started with (a cluster's MLflow server). Read once:
+#: ``mlflow.set_tracking_uri`` rewrites the variable inside the process, which must not
+#: redirect configs that leave the URI unset.
+ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 class TrackingConfig(Section):
     """The ``tracking`` section: where and how runs are recorded.
 
@@ -220,9 +226,8 @@ class TrackingConfig(Section):
         environment wins over the default (the cluster manifests set it to the MLflow server).
         """
         uri = self.tracking_uri
-        env = os.environ.get("MLFLOW_TRACKING_URI")
-        if env and "tracking_uri" not in self.model_fields_set:
-            uri = env
+        if ENV_TRACKING_URI and "tracking_uri" not in self.model_fields_set:
+            uri = ENV_TRACKING_URI
         return resolve_tracking_uri(uri, base_dir, self.allow_file_store)
 
     def resolved_artifact_location(self, base_dir: str | Path | None = None) -> str | None:

@@ -41,6 +41,9 @@ def ray_local():
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        # workers inherit the environment at ray.init; an earlier mlflow.set_tracking_uri in
+        # this process must not become their MLFLOW_TRACKING_URI
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
         ray.init(
             num_cpus=4,
             include_dashboard=True,

@@ -591,11 +591,14 @@ def test_start_run_error_paths(logged):
 
 
 def test_tracking_uri_from_environment(monkeypatch, tmp_path):
+    from epiray import tracking
     from epiray.tracking import TrackingConfig
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setattr(tracking, "ENV_TRACKING_URI", "http://127.0.0.1:5999")
     assert TrackingConfig().resolved_uri(tmp_path) == "http://127.0.0.1:5999"
     explicit = TrackingConfig(tracking_uri="sqlite:///x.db")
     assert explicit.resolved_uri(tmp_path) == f"sqlite:///{tmp_path / 'x.db'}"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # a later mlflow.set_tracking_uri (it rewrites the variable) changes nothing
+    monkeypatch.setattr(tracking, "ENV_TRACKING_URI", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5998")
     assert TrackingConfig().resolved_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
