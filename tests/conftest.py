@@ -30,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda i: i.path.name in last)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_env():
+    """``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI`` into ``os.environ``; every
+    process a later test starts would inherit it and log to that test's store. Restore the
+    ``MLFLOW_*`` variables after each test."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        if k not in before:
+            del os.environ[k]
+    os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real reference data); tests using it skip when it is absent."""

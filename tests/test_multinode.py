@@ -173,7 +173,14 @@ def test_two_node_cluster_runs_ingest_and_train_jobs(tmp_path):
             stderr=subprocess.STDOUT,
             timeout=900,
             cwd=tmp_path,
-            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+            # the cluster's processes start from this environment: an earlier test's
+            # mlflow.set_tracking_uri (which exports MLFLOW_TRACKING_URI in-process) must not
+            # send the job's run to that test's store
+            env={
+                k: v
+                for k, v in os.environ.items()
+                if k != "RAY_ADDRESS" and not k.startswith("MLFLOW_")
+            },
         )
     text = log.read_text()
     assert proc.returncode == 0, text[-6000:]
