@@ -905,7 +905,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                     failure_config=tune.FailureConfig(max_failures=0),
                 ),
             )
+        before = _live_placement_groups()
         grid = tuner.fit()
+        release_placement_groups(before)
         trials = trials_table(grid, by_id, cfg)
         _close_trial_runs(parent, trials)
         best = best_table(trials, cfg)
@@ -931,6 +933,56 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                 f"finish. First error: {first}"
             )
     return result
+
+
+def _live_placement_groups() -> set[str]:
+    """Ids of the cluster's placement groups that are not removed (from the GCS)."""
+    import ray
+
+    return {
+        pg_id
+        for pg_id, info in ray.util.placement_group_table().items()
+        if info.get("state") != "REMOVED"
+    }
+
+
+def release_placement_groups(before: set[str], timeout_s: float = 60.0) -> list[str]:
+    """Make sure the trials' placement groups are gone when the sweep returns.
+
+    A trial that ASHA stops is killed with the Ray Train controller it started; Train's
+    cleaner actor removes the controller's placement group only when it next polls, so for a
+    while the CPUs/GPUs of a stopped trial stay reserved and the next Ray Train run of the same
+    driver can wait on them. Every placement group created during the sweep (not in
+    ``before``) and still alive is waited for up to ``timeout_s``, then removed: the tuner has
+    returned, so no trial is running. (Ray Train runs started by *other* drivers while the
+    sweep ran would be waited on too; run sweeps as their own job, as ``jobs/sweep.py`` does.)
+
+    Returns
+    -------
+    list[str]
+        Ids removed here (the cleaner had not got to them).
+    """
+    import time
+
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = sorted(_live_placement_groups() - before)
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    for pg_id in left:
+        from ray._raylet import PlacementGroupID
+
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+    if left:
+        log.warning(
+            "sweep: removed %d placement group(s) of finished trials still held after %.0f s",
+            len(left),
+            timeout_s,
+        )
+    return left
 
 
 def _dump(cfg: SweepConfig) -> str:

