@@ -191,7 +191,13 @@ class TrackingConfig(Section):
     allow_file_store
         Accept MLflow's deprecated file store (``./mlruns``).
     log_model
-        Log the trained model with each run.
+        Log the trained model with each run (one logged model per worker shard: ``model``,
+        or ``model-shard0``, ``model-shard1``, ... when several workers split the chromosome).
+    log_model_max_context_mb
+        A model that imputes from observed tracks (eDICE) is logged with them (float16 as
+        stored) when they take at most this many MB; a larger context is left out (the run is
+        tagged ``epiray.model_context=bin_range``, a warning says so) and the logged model
+        imputes only when given a context (the trained run's checkpoint and store always can).
     max_param_length
         Longest param value logged; longer values are cut (the full config is an artifact).
     tags
@@ -205,6 +211,7 @@ class TrackingConfig(Section):
     experiment: str = Field("epiray", min_length=1, max_length=500)
     artifact_location: str | None = None
     log_model: bool = True
+    log_model_max_context_mb: float = Field(1024.0, ge=0)
     max_param_length: int = Field(DEFAULT_MAX_PARAM_LENGTH, ge=16, le=6000)
     tags: dict[str, str] = Field(default_factory=dict)
 

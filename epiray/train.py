@@ -545,7 +545,57 @@ def run_one(
                     if k in own and own[k].notna().any()
                 }
             )
+        if cfg.tracking.log_model and tracked.enabled:
+            step = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
+            log_trained_model(tracked, ckpt, store, cfg.tracking.log_model_max_context_mb, step)
         return RunResult(spec, ckpt, scores, history, tracked.run_id)
+
+
+def log_trained_model(
+    tracked, checkpoint: str | Path, store: Store, max_context_mb: float, step: int = 0
+) -> list[str]:
+    """Log a finished run's model to its MLflow run, one logged model per worker shard.
+
+    Avocado's context is its bin range; eDICE's holds the observed tracks it imputes from,
+    unless they exceed ``max_context_mb`` (then the bin range only, tagged and warned).
+
+    Returns
+    -------
+    list[str]
+        The logged-model ids, in shard order.
+    """
+    from epiray.tracking import MODEL_NAME, prediction_context
+
+    shards = load_shards(checkpoint, device="cpu", store=store)
+    ids, context_kind = [], "bin_range"
+    for rank, (model, data) in enumerate(shards):
+        context = prediction_context(data)
+        if type(model).predicts_from_tracks:
+            mb = (
+                sum(
+                    t.numel() * t.element_size()
+                    for t in (data.values, data.aux_values)
+                    if isinstance(t, torch.Tensor)
+                )
+                / 2**20
+            )
+            if mb <= max_context_mb:
+                context, context_kind = data, "tracks"
+            else:
+                context_kind = "bin_range"
+                log.warning(
+                    "train: the logged model of %s (shard %d) leaves out its %.0f MB of "
+                    "observed tracks (tracking.log_model_max_context_mb = %.0f); give it a "
+                    "context to impute, or raise the limit.",
+                    tracked.run_id,
+                    rank,
+                    mb,
+                    max_context_mb,
+                )
+        name = MODEL_NAME if len(shards) == 1 else f"{MODEL_NAME}-shard{rank}"
+        ids.append(tracked.log_model(model, context, name=name, step=step))
+    tracked.set_tags({"epiray.model_context": context_kind, "epiray.model_shards": len(shards)})
+    return ids
 
 
 def _read_predictions(spec: RunSpec, experiment: str) -> np.ndarray:

@@ -1,16 +1,19 @@
 """deploy/mlflow/run_server.sh: the MLflow tracking server epiray runs log to.
 
 The server runs as a subprocess on a free loopback port with a SQLite backend and a proxied
-local artifact store (``--artifacts-destination``). A run is logged to it over HTTP, then read
-back the way other tools see it: the REST API, the artifact proxy, and (marked ``browser``,
-where Chromium is installed) the MLflow UI in headless Chromium.
+local artifact store (``--artifacts-destination``). A real epiray training run (``epiray.train``:
+Ray Train, one worker, Avocado on the tiny synthetic store) logs to it over HTTP, then the run
+is read back the way other tools see it: the REST API, the artifact proxy, the logged model
+loaded through MLflow, and (marked ``browser``, where Chromium is installed) the MLflow UI in
+headless Chromium.
 
-``log_example_run`` is the one place that produces the run; swapping in a real epiray training
-run (``epiray.tracking``) only needs it to return a ``LoggedRun`` describing what was logged.
+``EPIRAY_SCREENSHOT_DIR=docs pytest tests/test_mlflow_server.py -k mlflow_ui`` writes the UI
+page of that run to ``docs/mlflow_run.png``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -26,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "mlflow" / "run_server.sh"
@@ -175,91 +180,93 @@ def server(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The run: a real epiray training run, logged to the server
 
 
 @dataclass
-class LoggedRun:
-    """What a run logged, to check against what the server shows."""
+class EpirayRun:
+    """A finished ``epiray.train`` run on the tiny store, and what it logged to the server."""
 
+    cfg: object  # epiray.train.TrainConfig
+    result: object  # epiray.train.RunResult
+    store: object  # epiray.store.Store
     experiment_id: str
     run_id: str
     run_name: str
-    params: dict[str, str]
-    metrics: dict[str, list[tuple[int, float]]]  # key -> [(step, value)]
-    artifacts: dict[str, Path]  # artifact path (relative to the run's root) -> local file
+    model_id: str
+
+    @property
+    def history(self) -> pd.DataFrame:
+        return self.result.history
 
 
-def write_plot(path: Path, history: dict[str, list[tuple[int, float]]]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    for key, points in history.items():
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, marker="o", label=key)
-    ax.set_xlabel("epoch")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def log_example_run(tracking_uri: str, workdir: Path) -> LoggedRun:
-    """Log an epiray-shaped run (params, per-epoch metrics, a PNG plot) to ``tracking_uri``.
-
-    Stand-in for a training run through ``epiray.tracking``: the names follow its conventions
-    (run name ``model.chrom.foldK``, the shared vocabulary for params). Everything goes over
-    HTTP; the plot is uploaded through the server's artifact proxy.
-    """
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    # The experiment kind tag makes the UI open the "Model training" views, not the GenAI ones.
-    experiment_id = client.create_experiment(
-        "epiray-quickstart", tags={"mlflow.experimentKind": "custom_model_development"}
+def train_config(tracking_uri: str, store, out: Path):
+    """Avocado at CPU test size (as in tests/test_train.py): one worker, two epochs, one
+    validation track per assay (so ``val/mse`` has a curve too)."""
+    from epiray.loop import LoopParams
+    from epiray.tracking import TrackingConfig
+    from epiray.train import (
+        FoldSection,
+        ModelSection,
+        ScalingSection,
+        TrainConfig,
+        ValidationSection,
     )
-    run_name = "avocado.chr19.fold0"
-    run = client.create_run(experiment_id, run_name=run_name)
-    run_id = run.info.run_id
-    params = {
-        "model": "avocado",
-        "chrom": "chr19",
-        "fold": "0",
-        "bin_size": "25",
-        "n_genomic_positions": "2460000",
-        "lr": "0.001",
-    }
-    epochs = np.arange(6)
-    metrics = {
-        "train_mse": [
-            (int(e), float(v)) for e, v in zip(epochs, 1.0 / (1.0 + epochs), strict=True)
-        ],
-        "val_pearson": [
-            (int(e), float(v)) for e, v in zip(epochs, 0.3 + 0.1 * epochs, strict=True)
-        ],
-    }
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        params=[Param(k, v) for k, v in params.items()],
-        metrics=[Metric(k, v, now, s) for k, pts in metrics.items() for s, v in pts],
+
+    return TrainConfig(
+        store=str(store.root),
+        out=str(out),
+        assembly="mmSyn1",
+        chroms=["chr1"],
+        model=ModelSection(
+            name="avocado", params={"n_nodes": 32, "n_layers": 1, "n_assay_factors": 16}
+        ),
+        folds=FoldSection(scheme="experiment", k=3, fold=0),
+        validation=ValidationSection(per_assay=1, min_train=1),
+        train=LoopParams(epochs=2, batch_size=2048, patience=None),
+        scaling=ScalingSection(num_workers=1, use_gpu=False),
+        tracking=TrackingConfig(tracking_uri=tracking_uri, experiment="epiray-server"),
     )
-    plot = write_plot(workdir / "val_pearson_by_epoch.png", metrics)
-    client.log_artifact(run_id, str(plot), artifact_path="plots")
-    client.set_terminated(run_id)
-    return LoggedRun(
-        experiment_id, run_id, run_name, params, metrics, {f"plots/{plot.name}": plot}
+
+
+def run_epiray(tracking_uri: str, store, out: Path) -> EpirayRun:
+    """Train one (chromosome, fold) with ``epiray.train.train`` logging to ``tracking_uri``:
+    params, per-epoch metrics (from the Ray Train worker), test scores, the resolved config and
+    the trained model (``tracking.log_model``), all through the server."""
+    from epiray import tracking
+    from epiray.train import train
+
+    cfg = train_config(tracking_uri, store, out)
+    (result,) = train(cfg)
+    mlc = tracking.client(tracking_uri)
+    run = mlc.get_run(result.mlflow_run_id)
+    model_id = tracking.find_logged_model(mlc, run.info.run_id).model_id
+    return EpirayRun(
+        cfg,
+        result,
+        store,
+        run.info.experiment_id,
+        run.info.run_id,
+        run.info.run_name,
+        model_id,
     )
 
 
 @pytest.fixture(scope="module")
-def logged(server, tmp_path_factory) -> LoggedRun:
-    return log_example_run(server.url, tmp_path_factory.mktemp("run"))
+def epiray_run(server, tiny_store, tmp_path_factory) -> EpirayRun:
+    _, store = tiny_store
+    return run_epiray(server.url, store, tmp_path_factory.mktemp("epiray") / "runs")
+
+
+def download(server: Server, run: EpirayRun, rel: str) -> bytes:
+    """A run artifact through the server's artifact proxy (the route the UI and remote Ray
+    workers use)."""
+    status, body = http(
+        f"{server.url}/api/2.0/mlflow-artifacts/artifacts/"
+        f"{run.experiment_id}/{run.run_id}/artifacts/{rel}"
+    )
+    assert status == 200, f"{rel}: {status} {body[:300]!r}"
+    return body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,55 +294,152 @@ def test_server_listens_on_loopback_only(server):
     assert listening_addresses(server.port) == {"0100007F"}  # 127.0.0.1, little-endian hex
 
 
-def test_logged_run_reads_back_over_the_rest_api(server, logged):
-    run = get_json(server, "/api/2.0/mlflow/runs/get", run_id=logged.run_id)["run"]
-    assert run["info"]["status"] == "FINISHED"
-    assert run["info"]["run_name"] == logged.run_name
-    assert run["info"]["experiment_id"] == logged.experiment_id
+@pytest.mark.ray
+def test_epiray_run_reads_back_over_the_rest_api(server, epiray_run):
+    from epiray.tracking import flatten_params
+
+    run = get_json(server, "/api/2.0/mlflow/runs/get", run_id=epiray_run.run_id)["run"]
+    info = run["info"]
+    assert info["status"] == "FINISHED"
+    assert info["run_name"] == epiray_run.run_name == "avocado_mouse_only.chr1.fold0"
+    assert info["experiment_id"] == epiray_run.experiment_id
     # Artifacts go through the server, not to a path the client would need to reach.
-    assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:/")
-    assert {p["key"]: p["value"] for p in run["data"]["params"]} == logged.params
-    latest = {m["key"]: (m["step"], m["value"]) for m in run["data"]["metrics"]}
-    assert latest == {k: pts[-1] for k, pts in logged.metrics.items()}
-    for key, points in logged.metrics.items():
-        history = get_json(
-            server, "/api/2.0/mlflow/metrics/get-history", run_id=logged.run_id, metric_key=key
-        )["metrics"]
-        got = sorted((m["step"], m["value"]) for m in history)
-        np.testing.assert_allclose(np.array(got), np.array(points), rtol=1e-12)
+    assert info["artifact_uri"].startswith("mlflow-artifacts:/")
     experiment = get_json(
-        server, "/api/2.0/mlflow/experiments/get", experiment_id=logged.experiment_id
+        server, "/api/2.0/mlflow/experiments/get", experiment_id=epiray_run.experiment_id
     )["experiment"]
+    assert experiment["name"] == "epiray-server"
     assert experiment["artifact_location"].startswith("mlflow-artifacts:/")
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["epiray.model"] == "avocado_mouse_only"
+    assert tags["epiray.chrom"] == "chr1" and tags["epiray.fold"] == "0"
+    assert tags["epiray.checkpoint"] == epiray_run.result.checkpoint
+
+    # Params: the resolved config, flattened (no value here reaches the 500-character cut).
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    expected = flatten_params(epiray_run.cfg)
+    assert max(len(v) for v in expected.values()) < 500
+    assert params == expected
+    assert params["model.params.n_nodes"] == "32"
+    assert params["train.epochs"] == "2" and params["scaling.num_workers"] == "1"
+    assert params["tracking.tracking_uri"] == server.url
+
+    # Per-epoch curves, logged by the Ray Train worker (rank 0) over HTTP: step = epoch.
+    history = epiray_run.history
+    assert list(history["epoch"]) == [1, 2]
+    for key, column in (("train/mse", "train_mse"), ("val/mse", "val_mse")):
+        points = get_json(
+            server,
+            "/api/2.0/mlflow/metrics/get-history",
+            run_id=epiray_run.run_id,
+            metric_key=key,
+        )["metrics"]
+        got = sorted((m["step"], m["value"]) for m in points)
+        assert [s for s, _ in got] == [1, 2], key
+        np.testing.assert_allclose([v for _, v in got], history[column], rtol=1e-6)
+        assert np.isfinite([v for _, v in got]).all()
+
+    # Final test metrics: the mean held-out scores of the run's own model.
+    latest = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert {"train/mse", "train/examples_per_s", "val/mse", "test/mse", "test/pearson"} <= set(
+        latest
+    )
+    scores = epiray_run.result.scores
+    own = scores[scores["model"] == "avocado_mouse_only"]
+    assert len(own) == len(epiray_run.result.spec.evaluate) > 0
+    assert latest["test/mse"] == pytest.approx(own["mse"].mean(), rel=1e-9)
+    assert latest["test/pearson"] == pytest.approx(own["pearson"].mean(), rel=1e-9)
 
 
-def test_artifacts_are_listed_served_and_stored_by_the_server(server, logged):
-    for rel, local in logged.artifacts.items():
-        folder = rel.rpartition("/")[0]
+@pytest.mark.ray
+def test_epiray_artifacts_are_listed_served_and_stored_by_the_server(server, epiray_run):
+    from epiray.tracking import load_scores
+
+    listed = {}
+    for folder in ("", "scores"):
         listing = get_json(
-            server, "/api/2.0/mlflow/artifacts/list", run_id=logged.run_id, path=folder
+            server, "/api/2.0/mlflow/artifacts/list", run_id=epiray_run.run_id, path=folder
         )
-        files = {f["path"]: f for f in listing["files"]}
-        assert rel in files and not files[rel]["is_dir"]
-        assert int(files[rel]["file_size"]) == local.stat().st_size
-        # Download through the proxy (the route a remote worker or the UI uses).
-        status, body = http(
-            f"{server.url}/api/2.0/mlflow-artifacts/artifacts/"
-            f"{logged.experiment_id}/{logged.run_id}/artifacts/{rel}"
-        )
-        assert status == 200 and body == local.read_bytes()
-        assert body.startswith(b"\x89PNG\r\n\x1a\n")
+        listed |= {f["path"]: f for f in listing["files"] if not f["is_dir"]}
+    rels = ("config.yaml", "scores/scores.parquet", "scores/scores.csv")
+    assert set(rels) <= set(listed)
+    stored_root = (
+        server.data_dir / "artifacts" / epiray_run.experiment_id / epiray_run.run_id / "artifacts"
+    )
+    for rel in rels:
+        body = download(server, epiray_run, rel)
+        assert int(listed[rel]["file_size"]) == len(body)
         # ... and the bytes landed under --artifacts-destination.
-        stored = (
-            server.data_dir
-            / "artifacts"
-            / logged.experiment_id
-            / logged.run_id
-            / "artifacts"
-            / rel
-        )
-        assert stored.read_bytes() == local.read_bytes()
+        assert (stored_root / rel).read_bytes() == body
+    # The resolved config, as the run used it.
+    config = yaml.safe_load(download(server, epiray_run, "config.yaml"))
+    assert config == epiray_run.cfg.model_dump(mode="json")
+    # The score table: the same rows the run computed, read back by epiray itself.
+    table = pd.read_parquet(io.BytesIO(download(server, epiray_run, "scores/scores.parquet")))
+    pd.testing.assert_frame_equal(table, epiray_run.result.scores, check_dtype=False)
+    back = load_scores(server.url, epiray_run.run_id)
+    assert set(back["run_name"]) == {epiray_run.run_name}
+    pd.testing.assert_frame_equal(
+        back.drop(columns=["run_id", "run_name"]), epiray_run.result.scores, check_dtype=False
+    )
     assert (server.data_dir / "mlflow.db").is_file()  # the SQLite backend store
+
+
+@pytest.mark.ray
+def test_epiray_model_loads_from_the_server_and_reproduces_the_run(server, epiray_run):
+    import torch
+
+    from epiray import tracking
+    from epiray.metrics import score_track
+
+    run = get_json(server, "/api/2.0/mlflow/runs/get", run_id=epiray_run.run_id)["run"]
+    outputs = [o["model_id"] for o in run["outputs"]["model_outputs"]]
+    assert outputs == [epiray_run.model_id]
+    mlc = tracking.client(server.url)
+    lm = mlc.get_logged_model(epiray_run.model_id)
+    assert lm.name == tracking.MODEL_NAME and lm.source_run_id == epiray_run.run_id
+    assert lm.artifact_location.startswith("mlflow-artifacts:/")
+    # The model's files went through the proxy into --artifacts-destination.
+    stored = (
+        server.data_dir / "artifacts" / lm.artifact_location.removeprefix("mlflow-artifacts:/")
+    )
+    assert (stored / "MLmodel").is_file()
+    assert (stored / "artifacts" / "pytorch_model" / "data" / "model.pth").is_file()
+
+    # A held-out experiment of the run: the MLflow model predicts what the run's worker
+    # predicted (and scored) for it.
+    spec = epiray_run.result.spec
+    experiment = spec.evaluate[0]
+    row = epiray_run.store.experiments().set_index("experiment").loc[experiment]
+    worker_pred = np.concatenate(
+        [
+            np.load(p)
+            for p in sorted((Path(spec.out_dir) / "predictions" / experiment).glob("*.npy"))
+        ]
+    )
+    n_bins = epiray_run.store.n_bins("mmSyn1", "chr1")
+    assert worker_pred.shape == (n_bins,)
+
+    pyfunc = tracking.load_model(server.url, epiray_run.run_id, device="cpu")
+    out = pyfunc.predict(pd.DataFrame({"biosample": [row["biosample"]], "assay": [row["assay"]]}))
+    assert list(out["bin"]) == list(range(n_bins)) and set(out["chrom"]) == {"chr1"}
+    np.testing.assert_allclose(out["value"].to_numpy(), worker_pred, rtol=1e-5, atol=1e-6)
+    truth = epiray_run.store.read("mmSyn1", "chr1", [experiment])[0]
+    scored = epiray_run.result.scores.set_index(["model", "experiment"])
+    assert score_track(truth, out["value"].to_numpy())["mse"] == pytest.approx(
+        scored.loc[("avocado_mouse_only", experiment), "mse"], rel=1e-4
+    )
+    # The pytorch flavour of the same logged model (by model id) is the Avocado module.
+    module = tracking.load_model(server.url, epiray_run.model_id, flavor="pytorch", device="cpu")
+    assert type(module).__name__ == "Avocado"
+    vocab = module.vocab
+    with torch.no_grad():
+        direct = module.predict(
+            tracking.prediction_context(model=module),
+            vocab.biosample_index(row["biosample"]),
+            vocab.assay_index(row["assay"]),
+        )
+    np.testing.assert_allclose(direct.numpy(), worker_pred, rtol=1e-5, atol=1e-6)
 
 
 def test_default_allowed_hosts_reject_dns_names(server):
@@ -404,24 +508,24 @@ def chromium(args: list[str], user_data_dir: Path, timeout: float = 120) -> str:
     return result.stdout
 
 
+@pytest.mark.ray
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (apt-get install chromium)")
-def test_mlflow_ui_shows_the_run(server, logged, tmp_path):
+def test_mlflow_ui_shows_the_epiray_run(server, epiray_run, tmp_path):
     # workflowType: the UI's "Model training" views (its default is the GenAI ones).
-    run_page = f"{server.url}/#/experiments/{logged.experiment_id}/runs/{logged.run_id}"
+    run_page = f"{server.url}/#/experiments/{epiray_run.experiment_id}/runs/{epiray_run.run_id}"
     query = "?workflowType=machine_learning"
     overview = chromium(["--dump-dom", run_page + query], tmp_path / "profile1")
-    assert logged.run_name in overview
-    for key in logged.metrics:
+    assert epiray_run.run_name in overview
+    for key in ("train/mse", "val/mse", "test/mse", "test/pearson"):
         assert key in overview, f"metric {key} not on the run page"
-    for key in logged.params:
+    for key in ("model.name", "model.params.n_nodes", "train.epochs"):
         assert key in overview, f"param {key} not on the run page"
-    # The artifact view opened on the plot renders it as an image.
-    for rel in logged.artifacts:
-        page = chromium(
-            ["--dump-dom", f"{run_page}/artifacts/{rel}{query}"], tmp_path / "profile2"
-        )
-        assert f'<img alt="{rel}"' in page, f"plot {rel} is not shown as an image"
+    # The artifact view opened on the resolved config shows its text.
+    page = chromium(
+        ["--dump-dom", f"{run_page}/artifacts/config.yaml{query}"], tmp_path / "profile2"
+    )
+    assert "n_assay_factors" in page and "avocado" in page, "config.yaml is not shown"
     shot = tmp_path / "mlflow_run.png"
     chromium([f"--screenshot={shot}", run_page + query], tmp_path / "profile3")
     import matplotlib.image

@@ -625,6 +625,9 @@ class ImputationModel(nn.Module):
     name: ClassVar[str] = ""
     #: Names :meth:`freeze` accepts.
     freezable: ClassVar[frozenset[str]] = frozenset()
+    #: :meth:`predict` reads the observed tracks of its ChromData (eDICE), not only its bin
+    #: range (Avocado): a logged model must then carry them.
+    predicts_from_tracks: ClassVar[bool] = False
 
     def __init__(self, params: Section, vocab: Vocabulary) -> None:
         super().__init__()

@@ -620,6 +620,7 @@ class EDice(ImputationModel):
     freezable: ClassVar[frozenset[str]] = frozenset(
         {"global_embeddings", "signal_embedders", "attention", "mlp"}
     )
+    predicts_from_tracks: ClassVar[bool] = True
     #: Adam learning rate of the paper (the loop reads the rate from its own config).
     default_lr: ClassVar[float] = 3e-4
 
