@@ -22,13 +22,14 @@ def test_quickstart_tiny(tmp_path, ray_local):
     lines: list[str] = []
     res = run(cfg, say=lines.append)
     text = "\n".join(lines)
-    # the comparison table was printed, with both models and the baseline
+    # the comparison table was printed, with the three models and the baseline
     assert "held-out MSE" in text and "mlflow ui --backend-store-uri" in text
+    models = {"avocado_mouse_only", "avocado_cross_species", "edice_cross_species"}
     table = res["table"]
-    assert {"avocado_mouse_only", "avocado_cross_species"} <= set(table.index)
-    assert np.isfinite(table.loc["avocado_cross_species", "overall"])
+    assert models | {"average_activity"} == set(table.index)
+    assert np.isfinite(table.loc[sorted(models), "overall"]).all()
     scores = pd.read_csv(tmp_path / "qs" / "scores.csv")
-    assert set(scores["model"]) >= {"avocado_mouse_only", "avocado_cross_species"}
+    assert set(scores["model"]) == models | {"average_activity"}
     assert scores["category"].eq("protein_binding").all()  # the zero-shot assays
     assert np.isfinite(scores["mse"]).all()
 
@@ -42,6 +43,14 @@ def test_quickstart_tiny(tmp_path, ray_local):
     assert all(r.info.status == "FINISHED" for r in runs)
     parent = names["quickstart"].info.run_id
     assert names["avocado_cross_species.chr1.fold0"].data.tags["mlflow.parentRunId"] == parent
+    # every model run logged its model; eDICE's carries the tracks it imputes from
+    from epiray.tracking import find_logged_model
+
+    for m in models:
+        run_ = names[f"{m}.chr1.fold0"]
+        assert find_logged_model(mlc, run_.info.run_id).name == "model"
+        context = "tracks" if m.startswith("edice") else "bin_range"
+        assert run_.data.tags["epiray.model_context"] == context, m
 
     # bigWigs: readable, header = the assembly, values = the model's predictions
     store = Store.open(res["store"])
@@ -82,10 +91,7 @@ def test_quickstart_tiny(tmp_path, ray_local):
         out=str(tmp_path / "eval"),
         chroms=["chr1"],
         folds=["fold0"],
-        runs={
-            m: str(runs / f"{m}.{{chrom}}.{{fold}}")
-            for m in ("avocado_mouse_only", "avocado_cross_species")
-        },
+        runs={m: str(runs / f"{m}.{{chrom}}.{{fold}}") for m in sorted(models)},
         tracking=TrackingConfig(experiment="t-eval"),
     )
     tables = evaluate_runs(ecfg)
