@@ -286,6 +286,58 @@ def _run_sweep(args) -> None:
     cli_run(args)
 
 
+# ------------------------------------------------------------------------------------ individuals
+def _add_individuals(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="individuals YAML (see configs/individuals.yaml)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete earlier results in the output folder (default: keep them and resume)",
+    )
+    g = p.add_argument_group("synthetic compendium (instead of --config)")
+    g.add_argument("--write-synthetic", type=Path, metavar="DIR", help="write one and exit")
+    g.add_argument("--donors", type=int, default=4)
+    g.add_argument("--tissues", type=int, default=8)
+    g.add_argument("--assays", type=int, default=4)
+    g.add_argument("--bins", type=int, default=20_000)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _run_individuals(args) -> None:
+    from epiray.config import load_config
+    from epiray.evaluate import format_table
+    from epiray.individuals import (
+        IndividualsConfig,
+        run_individuals,
+        write_individuals_compendium,
+    )
+
+    if args.write_synthetic:
+        if args.config:
+            raise EpirayError("individuals: give either --config or --write-synthetic, not both.")
+        manifest = write_individuals_compendium(
+            args.write_synthetic,
+            args.donors,
+            args.tissues,
+            args.assays,
+            args.bins,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+        print(f"synthetic individuals compendium: {manifest}")
+        print(f"next: epiray ingest --manifest {manifest} --store STORE")
+        return
+    if not args.config:
+        raise EpirayError("individuals: give --config F (or --write-synthetic DIR).")
+    cfg = load_config(IndividualsConfig, args.config)
+    res = run_individuals(cfg, overwrite=args.overwrite)
+    print(format_table(res.summary, "text"))
+    print(
+        f"{len(res.computed)} tracks computed, {len(res.reused)} kept from an earlier run; "
+        f"tables in {res.out}" + (f"; MLflow run {res.mlflow_run_id}" if res.mlflow_run_id else "")
+    )
+
+
 # ------------------------------------------------------------------------------------ main
 COMMANDS = {
     "quickstart": (
@@ -326,6 +378,11 @@ COMMANDS = {
     "impute": ("impute tracks genome-wide into bigWigs and a track hub", _add_impute, _run_impute),
     "info": ("summarise a store or an imputation output folder", _add_info, _run_info),
     "train": ("train a model per chromosome and fold with Ray Train", _add_train, _run_train),
+    "individuals": (
+        "the eDICE personalised protocol: leave one track of a donor out, impute it",
+        _add_individuals,
+        _run_individuals,
+    ),
 }
 
 
