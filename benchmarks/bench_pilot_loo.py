@@ -1,0 +1,249 @@
+"""Leave-one-out over the 25 Roadmap pilot tracks: average activity, Avocado and eDICE.
+
+The real-data check of issues 4, 5 and 6 in one resumable script. For every track of
+``shared/data/roadmap-pilot`` (5 cell types × 5 histone marks, 1,126,469 bins, arcsinh):
+train on the other 24, impute it, and score it with every metric of ``epiray.metrics`` the
+data supports (the pilot regions are coordinate-free, so the promoter/gene/enhancer MSEs are
+undefined; MSEVar weights are the per-bin variance of the assay over the 5 cell types).
+
+Models
+    ``average_activity``  mean of the same assay over the other 4 cell types.
+    ``avocado``           ``bench_avocado.PILOT_MODEL`` / ``PILOT_LOOP`` (paper factors, 2 × 256
+                          network, Adam 3e-3, batches of 10,000); early stopping on one more
+                          held-out track of the same assay (the next cell type's), never on the
+                          test track; the best epoch imputes.
+    ``edice``             ``bench_edice``'s pilot configuration (dim 32, MLP 2 × 128, 20 % of
+                          each bin's tracks as targets, 1,000 steps × 256 bins, Adam 2e-3
+                          decaying to 0).
+
+Every finished (model, track) is kept under ``--work`` (prediction as float16 ``.npy`` and the
+scores as JSON) and skipped on a re-run, so the ~6 CPU-hours of Avocado can be spread over
+several runs. ``--report`` only scores and reports what is there. The summary (per assay and
+overall, paired wins against average activity) is printed and logged to MLflow (experiment
+``pilot-loo``; a local SQLite store under ``--work`` unless ``--tracking-uri``).
+
+    .venv/bin/python benchmarks/bench_pilot_loo.py --models average_activity
+    .venv/bin/python benchmarks/bench_pilot_loo.py --models avocado --assays H3K4me3
+    .venv/bin/python benchmarks/bench_pilot_loo.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_avocado as ba  # noqa: E402
+import bench_edice as be  # noqa: E402
+
+from epiray.metrics import METRIC_NAMES, assay_variance, score_track  # noqa: E402
+
+WORK = Path(__file__).resolve().parent / "_work" / "pilot_loo"
+MODELS = ("average_activity", "avocado", "edice")
+CELLS, ASSAYS = ba.CELLS, ba.ASSAYS
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def impute_average_activity(tracks, held) -> tuple[np.ndarray, dict]:
+    cell, assay = held
+    pred = np.mean([tracks[c, assay] for c in CELLS if c != cell], axis=0, dtype=np.float64)
+    return pred.astype(np.float32), {}
+
+
+def impute_avocado(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
+    from epiray.loop import LoopParams, fit
+    from epiray.models.avocado import Avocado, AvocadoParams
+
+    cell, assay = held
+    vocab = ba._vocab()
+    val = (CELLS[(CELLS.index(cell) + 1) % len(CELLS)], assay)
+    train = [k for k in tracks if k not in (held, val)]
+    data = ba._data(tracks, vocab, train, [val])
+    torch.manual_seed(seed)
+    model = Avocado.build(AvocadoParams(**ba.PILOT_MODEL), vocab, data)
+    st = fit(model, data, LoopParams(**ba.PILOT_LOOP, seed=seed))
+    pred = model.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy()
+    info = {
+        "val_track": f"{val[0]}.{val[1]}",
+        "best_epoch": st.best_epoch,
+        "val_curve": [round(h["val_mse"], 4) for h in st.history],
+    }
+    return pred, info
+
+
+def impute_edice(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
+    args = argparse.Namespace(
+        dim=32, ffn_hidden=64, mlp_hidden=128, n_targets=0.2, lr=2e-3, steps=1000, batch_bins=256
+    )
+    preds, _, _ = be.fit_and_impute(tracks, [held], args, seed=seed)
+    return preds[held], {}
+
+
+def run_one(model: str, tracks, held, work: Path, seed: int) -> bool:
+    """Impute and score ``held`` with ``model`` unless done; True when it ran."""
+    name = f"{held[0]}.{held[1]}"
+    out = work / model
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / f"{name}.json").is_file():
+        return False
+    t0, c0 = time.perf_counter(), time.process_time()
+    if model == "average_activity":
+        pred, info = impute_average_activity(tracks, held)
+    elif model == "avocado":
+        pred, info = impute_avocado(tracks, held, seed)
+    else:
+        pred, info = impute_edice(tracks, held, seed)
+    info.update(
+        wall_s=round(time.perf_counter() - t0, 1), cpu_s=round(time.process_time() - c0, 1)
+    )
+    _atomic_write(out / f"{name}.npy", lambda p: np.save(open(p, "wb"), pred.astype(np.float16)))
+    _atomic_write(out / f"{name}.json", lambda p: p.write_text(json.dumps(info)))
+    print(f"  {model} {name}: trained and imputed in {info['cpu_s']:.0f} CPU-s", flush=True)
+    return True
+
+
+def score_all(tracks, work: Path) -> tuple[pd.DataFrame, float]:
+    """Every finished (model, track) scored with the full metric set; also bins/s per core."""
+    weights = {a: assay_variance(np.stack([tracks[c, a] for c in CELLS])) for a in ASSAYS}
+    rows, cpu, n_bins = [], 0.0, 0
+    for model in MODELS:
+        for cell in CELLS:
+            for assay in ASSAYS:
+                name = f"{cell}.{assay}"
+                if not (work / model / f"{name}.json").is_file():
+                    continue
+                pred = np.load(work / model / f"{name}.npy")
+                info = json.loads((work / model / f"{name}.json").read_text())
+                c0 = time.process_time()
+                s = score_track(tracks[cell, assay], pred, var_weights=weights[assay])
+                cpu += time.process_time() - c0
+                n_bins += pred.size
+                rows.append(
+                    {
+                        "model": model,
+                        "experiment": name,
+                        "biosample": cell,
+                        "assay": assay,
+                        "category": "histone_modification",
+                        "fold": "loo",
+                        "chrom": "pilot",
+                        **s,
+                        "train_cpu_s": info.get("cpu_s"),
+                        "best_epoch": info.get("best_epoch"),
+                    }
+                )
+    return pd.DataFrame(rows), (n_bins / cpu if cpu else float("nan"))
+
+
+def summarise(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    metrics = [m for m in METRIC_NAMES if scores[m].notna().any()]
+    models = [m for m in MODELS if (scores.model == m).any()]
+    # only tracks every model has: the columns compare like with like
+    done = scores.groupby("experiment").model.nunique()
+    paired = scores[scores.experiment.isin(done[done == len(models)].index)]
+    overall = paired.groupby("model", sort=False)[metrics].mean().reindex(models)
+    overall.insert(0, "tracks", paired.groupby("model").size().reindex(models))
+    per_assay = (
+        paired.pivot_table(index="assay", columns="model", values="mse", aggfunc="mean")
+        .reindex(index=ASSAYS, columns=models)
+        .dropna(how="all")
+    )
+    out = {"overall": overall, "per_assay_mse": per_assay}
+    if "average_activity" in models:
+        aa = paired[paired.model == "average_activity"].set_index("experiment")
+        wins = {}
+        for m in models:
+            if m == "average_activity":
+                continue
+            x = paired[paired.model == m].set_index("experiment")
+            wins[m] = {
+                "tracks": len(x),
+                "lower_mse": int((x.mse < aa.mse.reindex(x.index)).sum()),
+                "higher_pearson": int((x.pearson > aa.pearson.reindex(x.index)).sum()),
+                "higher_auprc": int((x.auprc > aa.auprc.reindex(x.index)).sum()),
+                "mse_change_pct": round(
+                    100 * (x.mse.mean() / aa.mse.reindex(x.index).mean() - 1), 2
+                ),
+            }
+        out["vs_average_activity"] = pd.DataFrame(wins).T
+    per_track = paired.pivot_table(
+        index="experiment", columns="model", values=["mse", "pearson"]
+    ).round(4)
+    out["per_track"] = per_track
+    return out
+
+
+def log_mlflow(scores: pd.DataFrame, tables: dict, speed: float, uri: str | None, work: Path):
+    from epiray.tracking import TrackingConfig, start_run
+
+    cfg = TrackingConfig(experiment="pilot-loo", tracking_uri=uri or f"sqlite:///{work}/mlflow.db")
+    with start_run(cfg, name="pilot_loo", base_dir=work, resume=True) as run:
+        run.log_params(
+            {
+                "data": "roadmap-pilot (25 tracks, 1,126,469 bins)",
+                "avocado.model": json.dumps(ba.PILOT_MODEL),
+                "avocado.loop": json.dumps(ba.PILOT_LOOP),
+                "edice": "dim 32, mlp 2x128, n_targets 0.2, 1000 steps x 256 bins",
+            }
+        )
+        run.log_scores(scores)
+        for model, row in tables["overall"].iterrows():
+            run.log_metrics({k: v for k, v in row.items() if pd.notna(v)}, prefix=f"{model}/")
+        run.log_metrics({"scoring_bins_per_s_per_core": speed})
+        for name, df in tables.items():
+            flat = df.copy()
+            if isinstance(flat.columns, pd.MultiIndex):
+                flat.columns = [".".join(map(str, c)) for c in flat.columns]
+            run.log_table(flat.reset_index(), f"tables/{name}")
+        return run.tracking_uri, run.run_id
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--assays", nargs="+", default=ASSAYS, choices=ASSAYS)
+    ap.add_argument("--cells", nargs="+", default=CELLS, choices=CELLS)
+    ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report", action="store_true", help="only score and report")
+    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--no-mlflow", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tracks = {k: v.astype(np.float32) for k, v in ba._load().items()}
+    if not args.report:
+        for assay in args.assays:  # assay-major: the H3K4me3 cases (issue 4) come first
+            for cell in args.cells:
+                for model in args.models:
+                    run_one(model, tracks, (cell, assay), args.work, args.seed)
+    scores, speed = score_all(tracks, args.work)
+    if scores.empty:
+        sys.exit("bench_pilot_loo: nothing finished yet")
+    tables = summarise(scores)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", 30)
+    for name, df in tables.items():
+        print(f"\n## {name}")
+        print(df.round(4).to_string())
+    print(f"\nscoring, every metric: {speed / 1e6:.2f} M bins/s per core")
+    if not args.no_mlflow:
+        uri, run_id = log_mlflow(scores, tables, speed, args.tracking_uri, args.work)
+        print(f"MLflow: run {run_id} in {uri} (experiment pilot-loo)")
+
+
+if __name__ == "__main__":
+    main()
