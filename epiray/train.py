@@ -36,11 +36,14 @@ from epiray.config import Section, dump_config
 from epiray.errors import ConfigError, EpirayError, StoreError
 from epiray.loader import Aux, load_chrom_data, shard_bounds
 from epiray.loop import LoopParams, fit, load_checkpoint, save_checkpoint
-from epiray.models import Vocabulary, get_model
+from epiray.models import ChromData, Vocabulary, get_model
 from epiray.store import Store, atomic_write_text
 from epiray.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
+
+#: Model name of the average-activity baseline in score tables (as in epiray.evaluate).
+AVERAGE_ACTIVITY = "average_activity"
 
 META = "meta.json"
 
@@ -545,19 +548,84 @@ def run_one(
                     if k in own and own[k].notna().any()
                 }
             )
-        if cfg.tracking.log_model and tracked.enabled:
-            step = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
-            log_trained_model(tracked, ckpt, store, cfg.tracking.log_model_max_context_mb, step)
+        if tracked.enabled:
+            reads = get_model(cfg.model.name).predicts_from_tracks
+            shards = load_shards(ckpt, device="cpu", store=store, tracks=reads)
+            log_run_plots(tracked, spec, store, scores, shards)
+            if cfg.tracking.log_model:
+                step = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
+                log_trained_model(tracked, shards, cfg.tracking.log_model_max_context_mb, step)
         return RunResult(spec, ckpt, scores, history, tracked.run_id)
 
 
-def log_trained_model(
-    tracked, checkpoint: str | Path, store: Store, max_context_mb: float, step: int = 0
-) -> list[str]:
+def log_run_plots(tracked, spec: RunSpec, store: Store, scores: pd.DataFrame, shards) -> list[str]:
+    """PNG plots of a finished run: per-experiment MSE against average activity, a track view
+    of a held-out experiment (signal, average activity, imputation around its strongest bin)
+    and the 2-D projection of the learned biosample and assay representations.
+
+    Returns
+    -------
+    list[str]
+        The artifact paths logged.
+    """
+    from epiray import plots
+
+    logged = []
+    if AVERAGE_ACTIVITY in set(scores.get("model", ())) and (scores["model"] == spec.label).any():
+        path = "plots/mse_vs_average_activity.png"
+        tracked.log_figure(plots.plot_metric_scatter(scores, AVERAGE_ACTIVITY, spec.label), path)
+        logged.append(path)
+    if spec.evaluate:
+        e = sorted(spec.evaluate)[0]
+        y = store.read(spec.assembly, spec.chrom, [e])[0].astype(np.float32)
+        pred = _read_predictions(spec, e)
+        aa = average_activity_tracks(
+            store,
+            spec.assembly,
+            spec.chrom,
+            spec.train + spec.validate,
+            spec.evaluate + spec.unscored,
+            [e],
+        ).get(e)
+        lo = max(int(np.argmax(y)) // 400 * 400 - 800, 0)
+        w = slice(lo, min(lo + 2000, len(y)))
+        path = f"plots/tracks_{e}.png"
+        fig = plots.plot_tracks(
+            y[w],
+            {spec.label: pred[w]},
+            None if aa is None else aa[0][w],
+            chrom=spec.chrom,
+            start=w.start,
+            title=e,
+        )
+        tracked.log_figure(fig, path)
+        logged.append(path)
+    model = shards[0][0] if shards else None
+    emb = model.embeddings() if model is not None else None
+    if emb is not None:
+        vocab = model.vocab
+        species = {}
+        for key in vocab.experiments.values():
+            species.setdefault(key.biosample, key.species)
+        path = "plots/factors.png"
+        fig = plots.plot_factors(
+            emb[0].float().cpu().numpy(),
+            list(vocab.biosamples),
+            emb[1].float().cpu().numpy(),
+            list(vocab.assays),
+            biosample_groups=[species.get(i, "?") for i in range(len(vocab.biosamples))],
+        )
+        tracked.log_figure(fig, path)
+        logged.append(path)
+    return logged
+
+
+def log_trained_model(tracked, shards, max_context_mb: float, step: int = 0) -> list[str]:
     """Log a finished run's model to its MLflow run, one logged model per worker shard.
 
-    Avocado's context is its bin range; eDICE's holds the observed tracks it imputes from,
-    unless they exceed ``max_context_mb`` (then the bin range only, tagged and warned).
+    ``shards`` come from :func:`load_shards`. Avocado's context is its bin range; eDICE's
+    holds the observed tracks it imputes from, unless they exceed ``max_context_mb`` (then the
+    bin range only, tagged and warned).
 
     Returns
     -------
@@ -566,7 +634,6 @@ def log_trained_model(
     """
     from epiray.tracking import MODEL_NAME, prediction_context
 
-    shards = load_shards(checkpoint, device="cpu", store=store)
     ids, context_kind = [], "bin_range"
     for rank, (model, data) in enumerate(shards):
         context = prediction_context(data)
@@ -703,7 +770,7 @@ def score_average_activity(store: Store, spec: RunSpec) -> pd.DataFrame:
     rows = []
     for e, (track, source) in aa.items():
         y = store.read(spec.assembly, spec.chrom, [e])[0]
-        row = _score_row("average_activity", e, exps, spec, score_track(y, track))
+        row = _score_row(AVERAGE_ACTIVITY, e, exps, spec, score_track(y, track))
         rows.append({**row, "baseline_source": source})
     return pd.DataFrame(rows)
 
@@ -768,13 +835,17 @@ def final_checkpoint(run_dir: str | Path) -> Path:
 
 
 def load_shards(
-    checkpoint: str | Path, device: torch.device | str | None = None, store: Store | None = None
+    checkpoint: str | Path,
+    device: torch.device | str | None = None,
+    store: Store | None = None,
+    tracks: bool = True,
 ) -> list[tuple[Any, Any]]:
     """Every worker shard of a trained model as ``(model, ChromData)``, tiling its chromosome.
 
     The shards are rebuilt on ``device`` from the store the model was trained on (checked
     against the model's vocabulary), so models that impute from observed tracks (eDICE) have
-    them.
+    them. ``tracks=False`` reads no track: each ChromData carries only its bin range (enough
+    for models whose ``predicts_from_tracks`` is False, e.g. Avocado).
     """
     from epiray.models import default_device
 
@@ -787,6 +858,22 @@ def load_shards(
     aux = Aux(meta["aux_name"], meta["aux"]) if meta.get("aux_name") and meta.get("aux") else None
     shards = []
     for rank, (lo, hi) in enumerate(meta["shards"]):
+        if not tracks:
+            data = ChromData(
+                chrom=meta["chrom"],
+                lo=lo,
+                hi=hi,
+                n_bins=vocab.n_bins,
+                values=torch.zeros(0, hi - lo, device=dev),
+                biosample=torch.zeros(0, dtype=torch.long, device=dev),
+                assay=torch.zeros(0, dtype=torch.long, device=dev),
+            )
+            model, _ = load_checkpoint(
+                checkpoint / f"rank{rank}.pt", data, store_summary=store.summary
+            )
+            model.eval()
+            shards.append((model, data))
+            continue
         data = load_chrom_data(
             store,
             meta["assembly"],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -356,13 +357,25 @@ def test_epiray_artifacts_are_listed_served_and_stored_by_the_server(server, epi
     from epiray.tracking import load_scores
 
     listed = {}
-    for folder in ("", "scores"):
+    for folder in ("", "scores", "plots"):
         listing = get_json(
             server, "/api/2.0/mlflow/artifacts/list", run_id=epiray_run.run_id, path=folder
         )
         listed |= {f["path"]: f for f in listing["files"] if not f["is_dir"]}
-    rels = ("config.yaml", "scores/scores.parquet", "scores/scores.csv")
+    track_plots = [p for p in listed if p.startswith("plots/tracks_") and p.endswith(".png")]
+    assert len(track_plots) == 1, sorted(listed)
+    rels = (
+        "config.yaml",
+        "scores/scores.parquet",
+        "scores/scores.csv",
+        "plots/factors.png",
+        "plots/mse_vs_average_activity.png",
+        *track_plots,
+    )
     assert set(rels) <= set(listed)
+    for rel in rels:
+        if rel.endswith(".png"):
+            assert download(server, epiray_run, rel)[:8] == b"\x89PNG\r\n\x1a\n", rel
     stored_root = (
         server.data_dir / "artifacts" / epiray_run.experiment_id / epiray_run.run_id / "artifacts"
     )
@@ -526,6 +539,13 @@ def test_mlflow_ui_shows_the_epiray_run(server, epiray_run, tmp_path):
         ["--dump-dom", f"{run_page}/artifacts/config.yaml{query}"], tmp_path / "profile2"
     )
     assert "n_assay_factors" in page and "avocado" in page, "config.yaml is not shown"
+    # The plots the run logged are listed, and the factor plot is shown as an image.
+    page = chromium(
+        ["--dump-dom", f"{run_page}/artifacts/plots/factors.png{query}"], tmp_path / "profile4"
+    )
+    for name in ("factors.png", "mse_vs_average_activity.png", "tracks_"):
+        assert name in page, f"plot {name} not listed on the artifacts page"
+    assert re.search(r"<img[^>]+factors\.png", page), "the factor plot is not rendered"
     shot = tmp_path / "mlflow_run.png"
     chromium([f"--screenshot={shot}", run_page + query], tmp_path / "profile3")
     import matplotlib.image

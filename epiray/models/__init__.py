@@ -682,6 +682,12 @@ class ImputationModel(nn.Module):
         """Stop training the named parts (``requires_grad = False``); see ``freezable``."""
         raise NotImplementedError
 
+    def embeddings(self) -> tuple[Tensor, Tensor] | None:
+        """The learned ``[n_biosamples, d]`` and ``[n_assays, d']`` representations (factors
+        or global embeddings), in vocabulary order, for the factor plots; None if the model has
+        none."""
+        return None
+
     def extend(self, vocab: Vocabulary) -> None:
         """Grow the model for new biosamples/assays appended to its vocabulary.
 

@@ -364,6 +364,13 @@ class Avocado(ImputationModel):
         tabs = list(self.genome) + (list(self.aux_genome) if self.aux_genome is not None else [])
         return [t.weight for t in tabs]
 
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        """Biosample and assay factors (every chunk, in vocabulary order)."""
+        return (
+            torch.cat(list(self.biosample_factors)).detach(),
+            torch.cat(list(self.assay_factors)).detach(),
+        )
+
     def freeze(self, what: set[str]) -> None:
         """Freeze any of ``network``, ``biosample``, ``assay``, ``genome``.
 

@@ -962,6 +962,13 @@ class EDice(ImputationModel):
             "mlp": list(n.mlp.parameters()),
         }
 
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        """The global biosample and assay embeddings ``u`` (new rows included)."""
+        return (
+            self.net.biosample_embedder.embedding.detach(),
+            self.net.assay_embedder.embedding.detach(),
+        )
+
     def freeze(self, what: set[str]) -> None:
         """Stop training the named parts: any of ``freezable``.
 
