@@ -221,6 +221,21 @@ def test_predict_equals_the_concatenating_network():
     torch.testing.assert_close(out, model.out(h).squeeze(1), rtol=1e-5, atol=1e-6)
 
 
+def test_predict_many_and_embeddings_follow_the_vocabulary():
+    _, vocab, data, _ = make_problem(n=300)
+    model = Avocado.build(AvocadoParams(**TINY), vocab, data).eval()
+    with torch.no_grad():
+        many = model.predict_many(data, [(2, 3), (0, 1)])
+        assert many.shape == (2, 300)
+        torch.testing.assert_close(many[0], model.predict(data, 2, 3))
+        torch.testing.assert_close(many[1], model.predict(data, 0, 1))
+        assert model.predict_many(data, []).shape == (0, 300)
+    bio, assay = model.embeddings()
+    assert bio.shape == (len(vocab.biosamples), TINY["n_biosample_factors"])
+    assert torch.equal(bio[2], model.biosample_factors[0][2].detach())
+    assert torch.equal(assay[3], model.assay_factors[0][3].detach())
+
+
 def test_batches_visit_every_bin_once_with_observed_values():
     _, vocab, data, _ = make_problem(n=1000)
     model = Avocado.build(AvocadoParams(**TINY), vocab, data)

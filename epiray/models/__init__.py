@@ -670,6 +670,13 @@ class ImputationModel(nn.Module):
         """Imputed track ``[hi-lo]`` float32 (arcsinh scale) of (biosample, assay), on device."""
         raise NotImplementedError
 
+    def predict_many(self, data: ChromData, pairs: list[tuple[int, int]]) -> Tensor:
+        """Imputed tracks ``[len(pairs), hi-lo]`` of several (biosample, assay) pairs; models
+        that share work between pairs (eDICE: one pass over the bins) override it."""
+        if not pairs:
+            return torch.zeros(0, data.hi - data.lo, device=data.device)
+        return torch.stack([self.predict(data, b, a) for b, a in pairs])
+
     def dense_parameters(self) -> list[nn.Parameter]:
         """Parameters shared by all workers (gradients all-reduced), trainable or not."""
         raise NotImplementedError
