@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 from epiray.config import Section, dump_config
 from epiray.errors import ConfigError, EpirayError, StoreError
 from epiray.loader import Aux, load_chrom_data, shard_bounds
-from epiray.loop import LoopParams, fit, load_checkpoint, save_checkpoint
+from epiray.loop import LoopParams, fit, load_checkpoint, save_checkpoint, seed_everything
 from epiray.models import ChromData, Vocabulary, get_model
 from epiray.store import Store, atomic_write_text
 from epiray.tracking import TrackingConfig
@@ -359,6 +359,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             )
         log.info("rank %d resumes %s after epoch %d", rank, spec.label, state.epoch)
     else:
+        # seeded initialisation: the same config trains the same model (dense parameters are
+        # then broadcast from rank 0; each rank's own rows get their own stream)
+        seed_everything(loop_params.seed + 7919 * rank)
         model = klass.build(klass.Params.model_validate(spec.params), vocab, data)
 
     run = None

@@ -82,6 +82,10 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     assert run.info.run_name == "avocado_mouse_only.chr1.fold0"
     assert len(mlc.get_metric_history(r.mlflow_run_id, "train/mse")) == 3
 
+    # seeded: the same config trained again from scratch elsewhere reproduces the run
+    (again,) = train(config(tmp_path / "again", store))
+    assert again.history["train_mse"].tolist() == r.history["train_mse"].tolist()
+
     # resume: the same config with more epochs continues after epoch 3
     (r2,) = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 5})}))
     meta2 = json.loads(open(f"{r2.checkpoint}/meta.json").read())
