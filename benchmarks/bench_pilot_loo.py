@@ -58,9 +58,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def impute_average_activity(tracks, held) -> tuple[np.ndarray, dict]:
+    from epiray.models.baselines import AverageActivity
+
     cell, assay = held
-    pred = np.mean([tracks[c, assay] for c in CELLS if c != cell], axis=0, dtype=np.float64)
-    return pred.astype(np.float32), {}
+    vocab = ba._vocab()
+    data = ba._data(tracks, vocab, [k for k in tracks if k != held])
+    aa = AverageActivity.fit(data, vocab)
+    return aa.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy(), {}
 
 
 def impute_avocado(tracks, held, seed: int) -> tuple[np.ndarray, dict]:

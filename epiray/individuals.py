@@ -103,6 +103,7 @@ from pydantic import Field, field_validator
 from epiray.config import Section, dump_config
 from epiray.errors import ConfigError, EpirayError, EpirayWarning, InputDataError, collect
 from epiray.loop import LoopParams, fit
+from epiray.metrics import METRIC_NAMES
 from epiray.models import Vocabulary, chrom_data_from_numpy, default_device
 from epiray.models.edice import EDice, EDiceParams
 from epiray.store import MANIFEST, Store, atomic_write_bytes, atomic_write_text
@@ -139,15 +140,7 @@ REFERENCE = "edice_other_tl"
 #: Metrics of the table (from :func:`epiray.metrics.score_track`, without the region MSEs,
 #: which need annotations) plus ``auprc_individual``.
 METRICS: tuple[str, ...] = (
-    "mse",
-    "pearson",
-    "spearman",
-    "mse1obs",
-    "mse1imp",
-    "auroc",
-    "auprc",
-    "peak_precision",
-    "peak_recall",
+    *(m for m in METRIC_NAMES if m not in ("mse_prom", "mse_gene", "mse_enh", "mse_var")),
     "auprc_individual",
 )
 RESULTS_DIR = "results"

@@ -101,6 +101,13 @@ def _track(values: np.ndarray, name: str, n: int | None) -> np.ndarray:
     return arr
 
 
+def peak_window(y: np.ndarray, width: int = 2000, lead: int = 800, step: int = 400) -> slice:
+    """The ``width``-bin window of a track view: it starts ``lead`` bins before the strongest
+    bin of ``y`` (rounded down to a multiple of ``step``), clipped to the track."""
+    start = max(int(np.argmax(y)) // step * step - lead, 0)
+    return slice(start, min(start + width, len(y)))
+
+
 def plot_tracks(
     signal: np.ndarray,
     imputations: Mapping[str, np.ndarray],

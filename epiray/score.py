@@ -187,8 +187,7 @@ def evaluate_runs(cfg: EvaluateConfig) -> dict[str, Any]:
                     )
         if example is not None:
             chrom, e, y, p = example
-            lo = int(np.argmax(y)) // 400 * 400
-            window = slice(max(lo - 800, 0), max(lo - 800, 0) + 2000)
+            window = plots.peak_window(y)
             aa = p.pop("average_activity", None)
             run.log_figure(
                 plots.plot_tracks(

@@ -964,6 +964,7 @@ def release_placement_groups(before: set[str], timeout_s: float = 60.0) -> list[
     """
     import time
 
+    from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     deadline = time.monotonic() + timeout_s
@@ -973,8 +974,6 @@ def release_placement_groups(before: set[str], timeout_s: float = 60.0) -> list[
             break
         time.sleep(1.0)
     for pg_id in left:
-        from ray._raylet import PlacementGroupID
-
         remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
     if left:
         log.warning(

@@ -34,6 +34,7 @@ from pydantic import Field, field_validator
 
 from epiray.config import Section, dump_config
 from epiray.errors import ConfigError, EpirayError, StoreError
+from epiray.evaluate import AVERAGE_ACTIVITY
 from epiray.loader import Aux, load_chrom_data, shard_bounds
 from epiray.loop import LoopParams, fit, load_checkpoint, save_checkpoint, seed_everything
 from epiray.models import ChromData, Vocabulary, get_model
@@ -41,9 +42,6 @@ from epiray.store import Store, atomic_write_text
 from epiray.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
-
-#: Model name of the average-activity baseline in score tables (as in epiray.evaluate).
-AVERAGE_ACTIVITY = "average_activity"
 
 META = "meta.json"
 
@@ -537,8 +535,10 @@ def run_one(
         history = pd.DataFrame(json.loads((Path(ckpt) / META).read_text())["history"])
         store = Store.open(spec.store)
         scores = score_run(store, spec)
+        aa = fold_average_activity(store, spec) if cfg.baseline or tracked.enabled else {}
         if cfg.baseline:
-            scores = pd.concat([scores, score_average_activity(store, spec)], ignore_index=True)
+            baseline = score_average_activity(store, spec, aa)
+            scores = pd.concat([scores, baseline], ignore_index=True)
         tracked.log_config(cfg)
         tracked.set_tags({"epiray.checkpoint": ckpt})
         if len(scores):
@@ -554,17 +554,25 @@ def run_one(
         if tracked.enabled:
             reads = get_model(cfg.model.name).predicts_from_tracks
             shards = load_shards(ckpt, device="cpu", store=store, tracks=reads)
-            log_run_plots(tracked, spec, store, scores, shards)
+            log_run_plots(tracked, spec, store, scores, shards, aa)
             if cfg.tracking.log_model:
                 step = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
                 log_trained_model(tracked, shards, cfg.tracking.log_model_max_context_mb, step)
         return RunResult(spec, ckpt, scores, history, tracked.run_id)
 
 
-def log_run_plots(tracked, spec: RunSpec, store: Store, scores: pd.DataFrame, shards) -> list[str]:
+def log_run_plots(
+    tracked,
+    spec: RunSpec,
+    store: Store,
+    scores: pd.DataFrame,
+    shards,
+    average_activity: dict[str, tuple[np.ndarray, str]],
+) -> list[str]:
     """PNG plots of a finished run: per-experiment MSE against average activity, a track view
     of a held-out experiment (signal, average activity, imputation around its strongest bin)
     and the 2-D projection of the learned biosample and assay representations.
+    ``average_activity`` is :func:`fold_average_activity` of the run.
 
     Returns
     -------
@@ -582,16 +590,8 @@ def log_run_plots(tracked, spec: RunSpec, store: Store, scores: pd.DataFrame, sh
         e = sorted(spec.evaluate)[0]
         y = store.read(spec.assembly, spec.chrom, [e])[0].astype(np.float32)
         pred = _read_predictions(spec, e)
-        aa = average_activity_tracks(
-            store,
-            spec.assembly,
-            spec.chrom,
-            spec.train + spec.validate,
-            spec.evaluate + spec.unscored,
-            [e],
-        ).get(e)
-        lo = max(int(np.argmax(y)) // 400 * 400 - 800, 0)
-        w = slice(lo, min(lo + 2000, len(y)))
+        aa = average_activity.get(e)
+        w = plots.peak_window(y)
         path = f"plots/tracks_{e}.png"
         fig = plots.plot_tracks(
             y[w],
@@ -757,12 +757,9 @@ def average_activity_tracks(
     return out
 
 
-def score_average_activity(store: Store, spec: RunSpec) -> pd.DataFrame:
-    """Scores of the fold's average activity baseline (:func:`average_activity_tracks`)."""
-    from epiray.metrics import score_track
-
-    exps = store.experiments().set_index("experiment")
-    aa = average_activity_tracks(
+def fold_average_activity(store: Store, spec: RunSpec) -> dict[str, tuple[np.ndarray, str]]:
+    """:func:`average_activity_tracks` of every scored experiment of the run's fold."""
+    return average_activity_tracks(
         store,
         spec.assembly,
         spec.chrom,
@@ -770,6 +767,18 @@ def score_average_activity(store: Store, spec: RunSpec) -> pd.DataFrame:
         spec.evaluate + spec.unscored,
         spec.evaluate,
     )
+
+
+def score_average_activity(
+    store: Store, spec: RunSpec, aa: dict[str, tuple[np.ndarray, str]] | None = None
+) -> pd.DataFrame:
+    """Scores of the fold's average activity baseline; ``aa`` is
+    :func:`fold_average_activity` when the caller already has it."""
+    from epiray.metrics import score_track
+
+    exps = store.experiments().set_index("experiment")
+    if aa is None:
+        aa = fold_average_activity(store, spec)
     rows = []
     for e, (track, source) in aa.items():
         y = store.read(spec.assembly, spec.chrom, [e])[0]
