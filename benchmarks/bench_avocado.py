@@ -21,11 +21,17 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     Row-wise Adam (``RowAdam``) vs ``torch.optim.SparseAdam`` on pilot-size genome tables.
 ``bf16``
     One training step in float32 vs CPU bf16 autocast.
+``memory``
+    Memory of one cross-species worker on a mouse-chr1-sized slab: ``memory_estimate`` beside
+    the process's measured RSS (after loading, after the first step, peak over the steps); then
+    the estimate per worker for the whole compendium's chr1 by number of workers.
 
     .venv/bin/python benchmarks/bench_avocado.py loo
     .venv/bin/python benchmarks/bench_avocado.py loo --cells E065 --epochs 4
+    .venv/bin/python benchmarks/bench_avocado.py loo --diagnose
     .venv/bin/python benchmarks/bench_avocado.py throughput --steps 3
     .venv/bin/python benchmarks/bench_avocado.py scale
+    .venv/bin/python benchmarks/bench_avocado.py memory
 """
 
 from __future__ import annotations
@@ -142,9 +148,12 @@ def cmd_loo(args: argparse.Namespace) -> dict:
             model = Avocado.build(AvocadoParams(**model_kw), vocab, data)
             fit(model, data, LoopParams(**{**loop_kw, "epochs": best}, seed=args.seed))
         bi, ai = vocab.biosample_index(cell), vocab.assay_index("H3K4me3")
-        pred = model.predict(data if args.protocol == "refit" else data1, bi, ai).numpy()
+        fitted = data if args.protocol == "refit" else data1
+        pred = model.predict(fitted, bi, ai).numpy()
         aa = AverageActivity.fit(data, vocab).predict(data, bi, ai).numpy()
         truth = tracks[test]
+        if args.diagnose:
+            diag = _diagnose(model, fitted, vocab, cell, truth)
         row = {
             "track": f"{cell}.H3K4me3",
             "mse": float(np.mean((pred - truth) ** 2)),
@@ -158,6 +167,15 @@ def cmd_loo(args: argparse.Namespace) -> dict:
             "wall_s": round(time.perf_counter() - t0, 1),
             "cpu_s": round(time.process_time() - c0, 1),
         }
+        if args.diagnose:
+            row["diagnosis"] = diag
+            print(
+                f"  {cell} diagnosis: the model's own average over the other cell types' factors "
+                f"MSE {diag['model_aa_mse']:.4f} (Pearson {diag['model_aa_pearson']:.3f}); the "
+                "test track imputed with another cell type's factor: "
+                + ", ".join(f"{c} {v:.4f}" for c, v in diag["other_factor_mse"].items()),
+                flush=True,
+            )
         rows.append(row)
         print(
             f"{row['track']}: MSE {row['mse']:.4f} (AA {row['aa_mse']:.4f}, original "
@@ -183,6 +201,27 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         "mean": mean,
         "wins": wins,
         "loadavg": _loadavg(),
+    }
+
+
+def _diagnose(model: Avocado, data: ChromData, vocab: Vocabulary, cell: str, truth) -> dict:
+    """Where the held-out track's error comes from (``loo --diagnose``).
+
+    The model imputes H3K4me3 with each *other* cell type's biosample factor: the mean of those
+    four predictions is the model's own average activity (how much H3K4me3 its genome factors
+    and network carry), and each one scored against the held-out track shows which cell type's
+    factor would have served it.
+    """
+    ai = vocab.assay_index("H3K4me3")
+    others = [c for c in CELLS if c != cell]
+    preds = {c: model.predict(data, vocab.biosample_index(c), ai).numpy() for c in others}
+    mean = np.mean([preds[c] for c in others], axis=0)
+    return {
+        "model_aa_mse": float(np.mean((mean - truth) ** 2)),
+        "model_aa_pearson": _pearson(mean, truth),
+        "other_factor_mse": {
+            c: round(float(np.mean((p - truth) ** 2)), 4) for c, p in preds.items()
+        },
     }
 
 
@@ -324,6 +363,112 @@ def cmd_bf16(args: argparse.Namespace) -> dict:
     return {"bench": "avocado_bf16", "n_nodes": args.n_nodes, "runs": out, "loadavg": _loadavg()}
 
 
+# ---------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _proc_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _compendium_vocab(n_bins: int) -> Vocabulary:
+    """The cross-species compendium's axes: 1,145 mouse + 6,870 human tracks over ~1,500
+    biosamples and ~800 assays (SCALE.md)."""
+    recs = [
+        (f"{sp}{i}", f"b{i % 1_500}", f"a{i % 800}", sp)
+        for sp, n in (("mm", 1_145), ("hs", 6_870))
+        for i in range(n)
+    ]
+    return Vocabulary.from_records(recs, chrom="chr1", n_bins=n_bins)
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def cmd_memory(args: argparse.Namespace) -> dict:
+    """Estimated vs measured memory of one cross-species worker on a chr1-sized slab, then the
+    estimate for the whole compendium's mouse chr1 by number of workers."""
+    from epiray.models import SlabSize
+
+    params = AvocadoParams(variant="cross_species")
+    n, e, h, a = CHR1_BINS, args.mouse_tracks, args.human_tracks, args.aligned
+    vocab = _compendium_vocab(n)
+    torch.manual_seed(0)
+    base = _proc_bytes("VmRSS")
+    values = torch.empty(e, n, dtype=torch.float16)
+    aux_values = torch.empty(h, a, dtype=torch.float16)
+    for t in (values, aux_values):
+        for row in t:
+            row.copy_(torch.rand(t.shape[1]))
+    aux_bin = torch.randint(n, (a,)).sort().values
+    data = ChromData(
+        "chr1",
+        0,
+        n,
+        n,
+        values,
+        torch.arange(e) % 1_500,
+        torch.arange(e) % 800,
+        aux_values=aux_values,
+        aux_bin=aux_bin,
+        aux_biosample=torch.arange(h) % 1_500,
+        aux_assay=torch.arange(h) % 800,
+    )
+    size = SlabSize.of(data)
+    est = Avocado.memory_estimate(params, vocab, size, args.batch_size)
+    loaded = _proc_bytes("VmRSS") - base
+    model = Avocado.build(params, vocab, data)
+    loop = LoopParams(epochs=1, batch_size=args.batch_size, max_batches_per_epoch=1)
+    state = fit(model, data, loop)  # allocates the optimiser state
+    persistent = _proc_bytes("VmRSS") - base
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    fit(
+        model,
+        data,
+        loop.model_copy(update={"epochs": 2, "max_batches_per_epoch": args.steps}),
+        start_state=state,
+    )
+    peak = _proc_bytes("VmHWM") - base
+    want_persistent = est["total"] - est["working"]
+    print(
+        f"cross_species worker, {n:,} bins, {e} mouse + {h} human tracks on {a:,} alignment "
+        f"rows, paper sizes, batch {args.batch_size:,}, {len(vocab.biosamples)} biosamples / "
+        f"{len(vocab.assays)} assays:\n"
+        f"  data     estimated {_gib(est['data'])} GiB, measured {_gib(loaded)} GiB\n"
+        f"  + model and optimiser state: estimated {_gib(want_persistent)} GiB, measured "
+        f"{_gib(persistent)} GiB (RSS after the first step)\n"
+        f"  peak during {args.steps} steps: estimated {_gib(est['total'])} GiB, measured "
+        f"{_gib(peak)} GiB (VmHWM)",
+        flush=True,
+    )
+    table = []
+    full = _compendium_vocab(n)
+    for workers in (1, 2, 4, 8, 16):
+        bins = -(-n // workers)
+        sz = SlabSize(
+            0, bins, 1_145, aux_tracks=6_870, aux_rows=-(-3_100_000 // workers), value_bytes=2
+        )
+        m = Avocado.memory_estimate(params, full, sz, 40_000)
+        table.append({"workers": workers, **{k: round(v / 2**30, 2) for k, v in m.items()}})
+    print("mouse chr1, all 1,145 mouse + 6,870 human tracks (float16), per worker, GiB:")
+    for row in table:
+        print("  " + "  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return {
+        "bench": "avocado_memory",
+        "estimate": est,
+        "measured": {"data": loaded, "persistent": persistent, "peak": peak},
+        "compendium_chr1_gib": table,
+        "loadavg": _loadavg(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -334,6 +479,11 @@ def main() -> None:
     p.add_argument("--loop", default="{}", help="JSON overrides of LoopParams")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also impute with the other cell types' factors (the model's own average activity)",
+    )
     p = sub.add_parser("throughput", help="samples/s at paper sizes on the pilot")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=40_000)
@@ -348,6 +498,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=2_000)
     p.add_argument("--n-nodes", type=int, default=2048)
+    p = sub.add_parser("memory", help="estimated vs measured memory of a chr1-sized worker")
+    p.add_argument("--mouse-tracks", type=int, default=100)
+    p.add_argument("--human-tracks", type=int, default=200)
+    p.add_argument("--aligned", type=int, default=3_100_000, help="alignment rows (~40%%)")
+    p.add_argument("--batch-size", type=int, default=40_000)
+    p.add_argument("--steps", type=int, default=2)
     args = ap.parse_args()
     fn = {
         "loo": cmd_loo,
@@ -355,6 +511,7 @@ def main() -> None:
         "scale": cmd_scale,
         "sparse": cmd_sparse,
         "bf16": cmd_bf16,
+        "memory": cmd_memory,
     }
     print(json.dumps(fn[args.cmd](args)))
 

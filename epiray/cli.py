@@ -180,6 +180,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fold", help="override folds.fold (an index or 'all')")
     p.add_argument("--chroms", nargs="+", help="override chroms")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print every run's workers and their estimated memory, then exit without training",
+    )
 
 
 def _run_train(args) -> None:
@@ -196,6 +201,11 @@ def _run_train(args) -> None:
     if args.chroms:
         upd["chroms"] = args.chroms
     cfg = cfg.model_copy(update=upd)
+    if args.plan:
+        from epiray.train import memory_plan
+
+        print(memory_plan(cfg).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        return
     results = train(cfg)
     scores = [r.scores for r in results if len(r.scores)]
     for r in results:

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from epiray.errors import EpirayError
-from epiray.models import ChromData, Vocabulary
+from epiray.models import ChromData, SlabSize, Vocabulary
 from epiray.store import Store
 
 ALIGN_BINS = 200
@@ -50,6 +51,52 @@ class Aux:
 
     name: str
     experiments: Sequence[str]
+
+
+def slab_size(
+    store: Store,
+    assembly: str,
+    chrom: str,
+    lo: int,
+    hi: int,
+    train: Sequence[str],
+    *,
+    validate: Sequence[str] = (),
+    aux: Aux | None = None,
+    value_dtype: torch.dtype = torch.float32,
+) -> SlabSize:
+    """The sizes :func:`load_chrom_data` would load, without reading any values.
+
+    Only the alignment table is read (for the rows and distinct other-species positions of
+    ``[lo, hi)``), so a worker can check its memory before it loads the slab.
+    """
+    rows = positions = 0
+    groups: tuple[tuple[int, int], ...] = ()
+    n_aux = len(aux.experiments) if aux is not None else 0
+    if n_aux:
+        table = store.read_alignment(aux.name, chrom)
+        mb = table["mouse_bin"].to_numpy()
+        r0, r1 = np.searchsorted(mb, lo, "left"), np.searchsorted(mb, hi, "left")
+        rows = int(r1 - r0)
+        hc = table["human_chrom"].iloc[r0:r1].astype(str).to_numpy()
+        hb = table["human_bin"].iloc[r0:r1].to_numpy().astype(np.int64)
+
+        def distinct(k: int) -> int:
+            return int(len(pd.DataFrame({"c": hc, "b": hb // k}).drop_duplicates()))
+
+        positions = distinct(1)
+        groups = tuple((k, distinct(k)) for k in SlabSize.GROUP_BINS) if rows else ()
+    return SlabSize(
+        lo=lo,
+        hi=hi,
+        experiments=len(train),
+        val_experiments=len(validate),
+        aux_tracks=n_aux,
+        aux_rows=rows,
+        aux_positions=positions,
+        value_bytes=2 if value_dtype == torch.float16 else 4,
+        aux_groups=groups,
+    )
 
 
 def load_chrom_data(

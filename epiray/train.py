@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -35,9 +36,9 @@ from pydantic import Field, field_validator
 from epiray.config import Section, dump_config
 from epiray.errors import ConfigError, EpirayError, StoreError
 from epiray.evaluate import AVERAGE_ACTIVITY
-from epiray.loader import Aux, load_chrom_data, shard_bounds
+from epiray.loader import Aux, load_chrom_data, shard_bounds, slab_size
 from epiray.loop import LoopParams, fit, load_checkpoint, save_checkpoint, seed_everything
-from epiray.models import ChromData, Vocabulary, get_model
+from epiray.models import ChromData, SlabSize, Vocabulary, get_model
 from epiray.store import Store, atomic_write_text
 from epiray.tracking import TrackingConfig
 
@@ -315,6 +316,100 @@ def storage_path(cfg: TrainConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------ worker
+_BIN_PARTS = ("data", "genome", "genome_adam")
+
+
+def describe_memory(memory: dict[str, int], size: SlabSize) -> str:
+    """One line: the estimated bytes of a worker (``memory_estimate``) by part."""
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in memory.items() if k != "total")
+    return (
+        f"memory per worker ≈ {memory['total'] / 2**30:.2f} GiB ({parts} GiB) for bins "
+        f"[{size.lo}, {size.hi}), {size.experiments} tracks, {size.aux_tracks} other-species "
+        f"tracks on {size.aux_rows} alignment rows"
+    )
+
+
+def check_worker_memory(
+    memory: dict[str, int], device: torch.device, where: str, world: int, free: int | None = None
+) -> None:
+    """Refuse, before loading, a slab that cannot fit on the worker's GPU.
+
+    ``free`` defaults to the CUDA device's free memory; CPU workers are not checked (the host's
+    memory is shared by the node's workers and Ray's object store). The error says how many
+    workers would fit: the data and genome parts shrink with the worker's bins, the dense
+    parameters and the step's working memory do not.
+    """
+    if free is None:
+        if device.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(device)
+    need = memory["total"]
+    if need <= free:
+        return
+    per_bins = sum(memory[k] for k in _BIN_PARTS)
+    fixed = need - per_bins
+    gib = 2**30
+    if fixed < free:
+        workers = math.ceil(world * per_bins / (free - fixed))
+        fix = f"Set scaling.num_workers to at least {workers} (each worker then holds fewer bins)"
+    else:
+        fix = "Lower train.batch_size (the step's working memory alone does not fit)"
+    raise EpirayError(
+        f"{where}: a worker needs ≈ {need / gib:.1f} GiB ("
+        + ", ".join(f"{k} {v / gib:.1f}" for k, v in memory.items() if k != "total")
+        + f" GiB) but its device has {free / gib:.1f} GiB free; expected the slab to fit. "
+        f"{fix}, set value_dtype: float16 (half the data), or train on fewer tracks."
+    )
+
+
+def worker_memory(
+    spec: RunSpec, store: Store, lo: int, hi: int
+) -> tuple[SlabSize, dict[str, int] | None]:
+    """The slab sizes of the worker owning bins ``[lo, hi)`` of a run, and the model's estimate
+    of its memory (None when the model gives none); no values are read."""
+    klass = get_model(spec.model)
+    size = slab_size(
+        store,
+        spec.assembly,
+        spec.chrom,
+        lo,
+        hi,
+        spec.train,
+        validate=spec.validate,
+        aux=Aux(spec.aux_name, spec.aux) if spec.aux_name and spec.aux else None,
+        value_dtype=torch.float16 if spec.value_dtype == "float16" else torch.float32,
+    )
+    batch = LoopParams.model_validate(spec.loop).batch_size
+    params = klass.Params.model_validate(spec.params)
+    return size, klass.memory_estimate(params, Vocabulary.from_dict(spec.vocab), size, batch)
+
+
+def memory_plan(cfg: TrainConfig) -> pd.DataFrame:
+    """Every run's workers and their estimated memory (GiB), without training: what
+    ``epiray train --plan`` prints before a job is submitted."""
+    store, specs = plan_runs(cfg)
+    world = cfg.scaling.num_workers
+    rows = []
+    for spec in specs:
+        n_bins = store.n_bins(spec.assembly, spec.chrom)
+        for rank in range(world):
+            lo, hi = shard_bounds(n_bins, world, rank)
+            size, mem = worker_memory(spec, store, lo, hi)
+            row = {
+                "model": spec.label,
+                "chrom": spec.chrom,
+                "fold": spec.fold,
+                "worker": rank,
+                "bins": size.bins,
+                "tracks": size.experiments + size.val_experiments,
+                "aux_tracks": size.aux_tracks,
+                "aux_rows": size.aux_rows,
+            }
+            row.update({f"{k}_gib": v / 2**30 for k, v in (mem or {}).items()})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker: load the slab, train (resuming if a checkpoint exists), predict."""
     import ray.train
@@ -333,6 +428,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     lo, hi = shard_bounds(n_bins, world, rank)
     value_dtype = torch.float16 if spec.value_dtype == "float16" else torch.float32
     aux = Aux(spec.aux_name, spec.aux) if spec.aux_name and spec.aux else None
+    loop_params = LoopParams.model_validate(spec.loop)
+    klass = get_model(spec.model)
+    size, memory = worker_memory(spec, store, lo, hi)
+    if memory is not None:
+        check_worker_memory(memory, device, f"train {spec.label} {spec.chrom}", world)
+        log.info("rank %d: %s", rank, describe_memory(memory, size))
     data = load_chrom_data(
         store,
         spec.assembly,
@@ -346,8 +447,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         device=device,
         value_dtype=value_dtype,
     )
-    loop_params = LoopParams.model_validate(spec.loop)
-    klass = get_model(spec.model)
     ckpt = ray.train.get_checkpoint()
     state = None
     if ckpt is not None:
@@ -371,6 +470,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             TrackingConfig(tracking_uri=spec.tracking_uri), mlc, spec.mlflow_run_id, None, None
         )
 
+    if run is not None and memory is not None:
+        run.set_tags(
+            {
+                "epiray.memory_per_worker_gib": f"{memory['total'] / 2**30:.3f}",
+                "epiray.memory_per_worker": describe_memory(memory, size),
+            }
+        )
     shards = [list(shard_bounds(n_bins, world, r)) for r in range(world)]
 
     def save(d: Path, state, final: bool) -> None:

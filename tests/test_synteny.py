@@ -262,3 +262,39 @@ def test_foreign_or_misoriented_chain_refused(compendium, tmp_path):
         with pytest.raises(InputDataError, match=r"target chromosome 'chr1' has length 248956422"):
             write_alignment(store, hg, human_assembly="hsSyn1", mouse_assembly="mmSyn1")
     assert set(Store.open(store.root).summary["synteny"]) == {NAME, "mirrored"}
+
+
+@pytest.mark.ray
+def test_slab_size_from_the_store_equals_the_loaded_slab(compendium):
+    """A worker sizes its slab (alignment rows, human positions) before loading it; the memory
+    estimate then covers every variant's tensors."""
+    import torch
+
+    from epiray.loader import Aux, load_chrom_data, shard_bounds, slab_size
+    from epiray.models import SlabSize, Vocabulary
+    from epiray.models.avocado import Avocado, AvocadoParams
+
+    res, store, _ = compendium
+    materialise(store, NAME)
+    store = Store.open(store.root)
+    table = store.experiments()
+    mouse = table[table.species == "mouse"]["experiment"].tolist()
+    human = table[table.species == "human"]["experiment"].tolist()
+    n_bins = store.n_bins("mmSyn1", "chr1")
+    vocab = Vocabulary.from_records(table, chrom="chr1", n_bins=n_bins)
+    aux = Aux(NAME, human)
+    for rank in range(2):
+        lo, hi = shard_bounds(n_bins, 2, rank)
+        kw = dict(validate=mouse[1:], aux=aux, value_dtype=torch.float16)
+        size = slab_size(store, "mmSyn1", "chr1", lo, hi, mouse[:1], **kw)
+        data = load_chrom_data(store, "mmSyn1", "chr1", lo, hi, vocab, mouse[:1], **kw)
+        assert size == SlabSize.of(data) and size.aux_rows > 0
+        tensors = [v for v in vars(data).values() if isinstance(v, torch.Tensor)]
+        assert size.data_bytes() == sum(t.numel() * t.element_size() for t in tensors)
+        for variant in ("cross_species", "concat"):
+            params = AvocadoParams(variant=variant, n_nodes=16, n_assay_factors=8)
+            est = Avocado.memory_estimate(params, vocab, size, 512)
+            model = Avocado.build(params, vocab, data)
+            genome = sum(p.numel() * 4 for p in model.sparse_parameters())
+            # cross_species: mouse bins only; concat: also every distinct human position
+            assert est["genome"] == genome, variant

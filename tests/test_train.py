@@ -10,7 +10,15 @@ from epiray.errors import ConfigError, StoreError
 from epiray.loader import shard_bounds
 from epiray.loop import LoopParams, load_checkpoint
 from epiray.tracking import TrackingConfig
-from epiray.train import FoldSection, ModelSection, ScalingSection, TrainConfig, plan_runs, train
+from epiray.train import (
+    FoldSection,
+    ModelSection,
+    ScalingSection,
+    TrainConfig,
+    memory_plan,
+    plan_runs,
+    train,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -81,6 +89,11 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     run = mlc.get_run(r.mlflow_run_id)
     assert run.info.run_name == "avocado_mouse_only.chr1.fold0"
     assert len(mlc.get_metric_history(r.mlflow_run_id, "train/mse")) == 3
+    # rank 0 tagged the run with its memory estimate, the one `epiray train --plan` prints
+    plan = memory_plan(cfg)
+    assert list(plan["worker"]) == [0, 1] and plan["bins"].sum() == n
+    assert run.data.tags["epiray.memory_per_worker_gib"] == f"{plan['total_gib'][0]:.3f}"
+    assert "memory per worker" in run.data.tags["epiray.memory_per_worker"]
 
     # seeded: the same config trained again from scratch elsewhere reproduces the run
     (again,) = train(config(tmp_path / "again", store))
@@ -107,3 +120,20 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     bad["experiments"].pop(meta2["train"][0])
     with pytest.raises(StoreError, match="not in the store"):
         load_checkpoint(f"{r2.checkpoint}/rank0.pt", data, store_summary=bad)
+
+
+def test_train_plan_prints_worker_memory_without_training(tmp_path, tiny_store, capsys):
+    from epiray.cli import main
+    from epiray.config import dump_config
+
+    _, store = tiny_store
+    cfg = config(tmp_path, store, value_dtype="float16")
+    dump_config(cfg, tmp_path / "train.yaml")
+    assert main(["train", "--config", str(tmp_path / "train.yaml"), "--plan"]) == 0
+    out = capsys.readouterr().out
+    header, *rows = out.strip().splitlines()
+    assert "total_gib" in header and "genome_adam_gib" in header and len(rows) == 2
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    # float16 values: half the data bytes of the float32 plan
+    half, full = memory_plan(cfg), memory_plan(config(tmp_path, store))
+    assert (half["data_gib"] < full["data_gib"]).all()

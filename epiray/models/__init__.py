@@ -30,6 +30,7 @@ __all__ = [
     "ChromData",
     "ExperimentKey",
     "ImputationModel",
+    "SlabSize",
     "Vocabulary",
     "available_models",
     "chrom_data_from_numpy",
@@ -184,6 +185,83 @@ class ChromData:
             v = getattr(self, f.name)
             kw[f.name] = v.to(device) if isinstance(v, Tensor) else v
         return ChromData(**kw)
+
+
+@dataclass(frozen=True)
+class SlabSize:
+    """The sizes of a worker's :class:`ChromData`: everything its memory depends on.
+
+    Built from a loaded slab with :meth:`of`, or before loading from the store with
+    :func:`epiray.loader.slab_size` (so a worker can refuse a slab its device cannot hold).
+
+    Attributes
+    ----------
+    lo, hi
+        The worker's bins ``[lo, hi)`` (coarse genome rows depend on where the slab starts).
+    experiments, val_experiments
+        Training / validation tracks of the target species.
+    aux_tracks, aux_rows, aux_positions
+        Other-species tracks, alignment rows in the slab, distinct other-species positions.
+    value_bytes
+        Bytes per stored value: 2 (float16) or 4 (float32).
+    aux_groups
+        ``(k, rows)`` for each ``k`` of :attr:`GROUP_BINS`: distinct (other-species chromosome,
+        bin // k) among the positions (the coarse factor rows ``concat`` gives them).
+    """
+
+    lo: int
+    hi: int
+    experiments: int
+    val_experiments: int = 0
+    aux_tracks: int = 0
+    aux_rows: int = 0
+    aux_positions: int = 0
+    value_bytes: int = 2
+    aux_groups: tuple[tuple[int, int], ...] = ()
+
+    #: Group sizes (bins) for which ``aux_groups`` counts the distinct other-species rows:
+    #: the 250 bp and 5 kbp scales of Avocado's ``concat`` variant.
+    GROUP_BINS: ClassVar[tuple[int, ...]] = (10, 200)
+
+    @property
+    def bins(self) -> int:
+        """Bins the worker owns, ``hi - lo``."""
+        return self.hi - self.lo
+
+    @classmethod
+    def of(cls, data: ChromData) -> SlabSize:
+        """The sizes of a loaded slab."""
+        return cls(
+            lo=data.lo,
+            hi=data.hi,
+            experiments=data.n_experiments,
+            val_experiments=0 if data.val_values is None else int(data.val_values.shape[0]),
+            aux_tracks=0 if data.aux_values is None else int(data.aux_values.shape[0]),
+            aux_rows=0 if data.aux_values is None else int(data.aux_values.shape[1]),
+            aux_positions=data.n_aux_positions,
+            value_bytes=data.values.element_size(),
+            aux_groups=_aux_groups(data),
+        )
+
+    def data_bytes(self) -> int:
+        """Bytes of the slab's tensors (values and their int64 indices), exactly as loaded."""
+        n = (self.experiments + self.val_experiments) * (self.bins * self.value_bytes + 16)
+        if self.aux_tracks:
+            n += self.aux_tracks * (self.aux_rows * self.value_bytes + 16)
+            n += self.aux_rows * 16 + self.aux_positions * 16  # aux_bin, aux_pos; chrom, bin
+        return n
+
+
+def _aux_groups(data: ChromData) -> tuple[tuple[int, int], ...]:
+    if data.aux_pos_bin is None:
+        return ()
+    chrom = data.aux_pos_chrom
+    if chrom is None:
+        chrom = torch.zeros_like(data.aux_pos_bin)
+    return tuple(
+        (k, int(torch.unique(torch.stack([chrom, data.aux_pos_bin // k]), dim=1).shape[1]))
+        for k in SlabSize.GROUP_BINS
+    )
 
 
 def _as_tensor(x: Any, dtype: torch.dtype | None, device: torch.device) -> Tensor | None:
@@ -688,6 +766,15 @@ class ImputationModel(nn.Module):
     def freeze(self, what: set[str]) -> None:
         """Stop training the named parts (``requires_grad = False``); see ``freezable``."""
         raise NotImplementedError
+
+    @classmethod
+    def memory_estimate(
+        cls, params: Section, vocab: Vocabulary, size: SlabSize, batch_size: int
+    ) -> dict[str, int] | None:
+        """Bytes one worker needs to train on a slab of ``size``, by part, with ``"total"``;
+        None when the model gives no estimate. The loop checks it against the device's
+        memory before loading the slab and logs it with the run."""
+        return None
 
     def embeddings(self) -> tuple[Tensor, Tensor] | None:
         """The learned ``[n_biosamples, d]`` and ``[n_assays, d']`` representations (factors

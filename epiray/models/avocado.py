@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from epiray.config import Section
 from epiray.errors import ConfigError, EpirayError
-from epiray.models import Batch, ChromData, ImputationModel, Vocabulary, register
+from epiray.models import Batch, ChromData, ImputationModel, SlabSize, Vocabulary, register
 
 __all__ = ["Avocado", "AvocadoParams"]
 
@@ -363,6 +363,56 @@ class Avocado(ImputationModel):
         """Genome factors of the worker's bins (and, for concat, other-species positions)."""
         tabs = list(self.genome) + (list(self.aux_genome) if self.aux_genome is not None else [])
         return [t.weight for t in tabs]
+
+    @classmethod
+    def memory_estimate(
+        cls, params: AvocadoParams, vocab: Vocabulary, size: SlabSize, batch_size: int
+    ) -> dict[str, int]:
+        """Bytes one worker needs to train on a slab of ``size``; see the README's "Memory per
+        worker".
+
+        ``data``, ``genome`` (factor rows of the worker's bins and, for ``concat``, of its
+        other-species positions, fp32) and ``genome_adam`` (their two Adam moments) are exact
+        (for ``concat`` with scale sizes other than ``SlabSize.GROUP_BINS``, an upper bound).
+        ``dense`` is the synchronised part: network, biosample and assay factors with gradient
+        and two moments (16 bytes each).
+        ``working`` is the larger of a training step's activations and gradients (measured
+        ≈ ``batch × (2 × n_layers × n_nodes + 3 × genome factors) × 4`` bytes in float32;
+        bf16 autocast needs less) and a prediction chunk's.
+
+        Returns
+        -------
+        dict
+            ``data``, ``genome``, ``genome_adam``, ``dense``, ``working`` and ``total`` bytes.
+        """
+        if not isinstance(params, AvocadoParams):
+            params = AvocadoParams.model_validate(params)
+        p = params
+        scales = [(k, d) for k, d in zip(p.scale_bins, p.n_genome_factors) if d > 0]
+        g = sum(d for _, d in scales)
+        floats = sum(_scale_rows(size.lo, size.hi, k) * d for k, d in scales)
+        if p.variant == "concat" and size.aux_positions:
+            groups = dict(size.aux_groups)  # unknown group sizes: one row per position at most
+            floats += sum(
+                (size.aux_positions if k == 1 else groups.get(k, size.aux_positions)) * d
+                for k, d in scales
+            )
+        n_in = p.n_biosample_factors + p.n_assay_factors + g
+        network = n_in * p.n_nodes + p.n_nodes + (p.n_layers - 1) * (p.n_nodes + 1) * p.n_nodes
+        network += p.n_nodes + 1
+        factors = len(vocab.biosamples) * p.n_biosample_factors
+        factors += len(vocab.assays) * p.n_assay_factors
+        step = batch_size * (2 * p.n_layers * p.n_nodes + 3 * g + 8) * 4
+        chunk = min(p.predict_batch_size, max(size.bins, 1)) * (2 * p.n_nodes + g + 2) * 4
+        out = {
+            "data": size.data_bytes(),
+            "genome": floats * 4,
+            "genome_adam": floats * 8,
+            "dense": (network + factors) * 16,
+            "working": max(step, chunk),
+        }
+        out["total"] = sum(out.values())
+        return out
 
     def embeddings(self) -> tuple[Tensor, Tensor]:
         """Biosample and assay factors (every chunk, in vocabulary order)."""
