@@ -75,6 +75,9 @@ def test_estimate_grows_with_bins_and_tracks_not_with_the_rest():
     )
     assert c["data"] - a["data"] == 100 * (1_000_000 * 2 + 16)
     assert a["dense"] == b["dense"] == c["dense"] and a["working"] == b["working"]
+    # a step never holds more examples than the worker has bins (one visit per bin per epoch)
+    small = Avocado.memory_estimate(params, vocab, SlabSize(0, 10_000, 100), 40_000)
+    assert small["working"] == est(1_000_000, 100)["working"] * 10_000 // 40_000
     # the paper's ~5 M synchronised parameters (network + factors of 50 biosamples, 20 assays)
     assert 4.9e6 < a["dense"] / 16 < 5.1e6
 

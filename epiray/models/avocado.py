@@ -402,7 +402,16 @@ class Avocado(ImputationModel):
         network += p.n_nodes + 1
         factors = len(vocab.biosamples) * p.n_biosample_factors
         factors += len(vocab.assays) * p.n_assay_factors
-        step = batch_size * (2 * p.n_layers * p.n_nodes + 3 * g + 8) * 4
+        # examples in a step: an epoch visits each of the worker's bins once (see batches())
+        if p.variant == "mouse_only" or size.aux_tracks == 0:
+            examples = min(batch_size, size.bins)
+        else:
+            n_target = max(1, round(batch_size * (1 - p.aux_fraction)))
+            b = min(n_target, size.bins)
+            examples = (
+                batch_size if b == n_target else b + max(1, round(b * (batch_size / n_target - 1)))
+            )
+        step = examples * (2 * p.n_layers * p.n_nodes + 3 * g + 8) * 4
         chunk = min(p.predict_batch_size, max(size.bins, 1)) * (2 * p.n_nodes + g + 2) * 4
         out = {
             "data": size.data_bytes(),
