@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 
 from epiray.errors import EpirayError
@@ -53,6 +52,24 @@ class Aux:
     experiments: Sequence[str]
 
 
+def _alignment_slice(
+    store: Store, name: str, chrom: str, lo: int, hi: int
+) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """Alignment rows of target bins ``[lo, hi)`` (the table is sorted by target bin): their
+    range ``r0, r1``, target bins, other-species chromosome codes and bins (int64)."""
+    table = store.read_alignment(name, chrom)
+    mb = table["mouse_bin"].to_numpy()
+    r0, r1 = int(np.searchsorted(mb, lo, "left")), int(np.searchsorted(mb, hi, "left"))
+    rows = table.iloc[r0:r1]
+    codes = rows["human_chrom"].astype("category").cat.codes.to_numpy().astype(np.int64)
+    return r0, r1, mb[r0:r1], codes, rows["human_bin"].to_numpy().astype(np.int64)
+
+
+def _position_key(codes: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """One int64 per (chromosome code, bin): equal keys are the same position."""
+    return codes * (int(bins.max()) + 1 if len(bins) else 1) + bins
+
+
 def slab_size(
     store: Store,
     assembly: str,
@@ -74,18 +91,13 @@ def slab_size(
     groups: tuple[tuple[int, int], ...] = ()
     n_aux = len(aux.experiments) if aux is not None else 0
     if n_aux:
-        table = store.read_alignment(aux.name, chrom)
-        mb = table["mouse_bin"].to_numpy()
-        r0, r1 = np.searchsorted(mb, lo, "left"), np.searchsorted(mb, hi, "left")
+        r0, r1, _, codes, hb = _alignment_slice(store, aux.name, chrom, lo, hi)
         rows = int(r1 - r0)
-        hc = table["human_chrom"].iloc[r0:r1].astype(str).to_numpy()
-        hb = table["human_bin"].iloc[r0:r1].to_numpy().astype(np.int64)
-
-        def distinct(k: int) -> int:
-            return int(len(pd.DataFrame({"c": hc, "b": hb // k}).drop_duplicates()))
-
-        positions = distinct(1)
-        groups = tuple((k, distinct(k)) for k in SlabSize.GROUP_BINS) if rows else ()
+        positions = len(np.unique(_position_key(codes, hb)))
+        if rows:
+            groups = tuple(
+                (k, len(np.unique(_position_key(codes, hb // k)))) for k in SlabSize.GROUP_BINS
+            )
     return SlabSize(
         lo=lo,
         hi=hi,
@@ -162,24 +174,19 @@ def load_chrom_data(
             val_assay=idx(validate, "assay"),
         )
     if aux is not None and aux.experiments:
-        table = store.read_alignment(aux.name, chrom)
-        mb = table["mouse_bin"].to_numpy()
-        r0, r1 = np.searchsorted(mb, lo, "left"), np.searchsorted(mb, hi, "left")
-        rows = table.iloc[r0:r1]
+        r0, r1, mb, codes, hb = _alignment_slice(store, aux.name, chrom, lo, hi)
         if r1 > r0:
             vals = store.read_aligned(
                 aux.name, chrom, list(aux.experiments), int(r0), int(r1), dtype=np_dtype
             )
         else:
             vals = np.zeros((len(aux.experiments), 0), np_dtype)
-        hc = rows["human_chrom"].astype("category")
-        codes = hc.cat.codes.to_numpy().astype(np.int64)
-        hb = rows["human_bin"].to_numpy().astype(np.int64)
-        key = codes * (int(hb.max()) + 1 if len(hb) else 1) + hb
-        uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        uniq, first, inverse = np.unique(
+            _position_key(codes, hb), return_index=True, return_inverse=True
+        )
         kw.update(
             aux_values=torch.from_numpy(vals).to(device, value_dtype),
-            aux_bin=torch.from_numpy(mb[r0:r1] - lo).to(device),
+            aux_bin=torch.from_numpy(mb - lo).to(device),
             aux_pos=torch.from_numpy(inverse.astype(np.int64)).to(device),
             aux_pos_chrom=torch.from_numpy(codes[first]).to(device),
             aux_pos_bin=torch.from_numpy(hb[first]).to(device),

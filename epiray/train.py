@@ -319,9 +319,13 @@ def storage_path(cfg: TrainConfig) -> str:
 _BIN_PARTS = ("data", "genome", "genome_adam")
 
 
+def _gib_parts(memory: dict[str, int], digits: int) -> str:
+    return ", ".join(f"{k} {v / 2**30:.{digits}f}" for k, v in memory.items() if k != "total")
+
+
 def describe_memory(memory: dict[str, int], size: SlabSize) -> str:
     """One line: the estimated bytes of a worker (``memory_estimate``) by part."""
-    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in memory.items() if k != "total")
+    parts = _gib_parts(memory, 2)
     return (
         f"memory per worker ≈ {memory['total'] / 2**30:.2f} GiB ({parts} GiB) for bins "
         f"[{size.lo}, {size.hi}), {size.experiments} tracks, {size.aux_tracks} other-species "
@@ -355,9 +359,8 @@ def check_worker_memory(
     else:
         fix = "Lower train.batch_size (the step's working memory alone does not fit)"
     raise EpirayError(
-        f"{where}: a worker needs ≈ {need / gib:.1f} GiB ("
-        + ", ".join(f"{k} {v / gib:.1f}" for k, v in memory.items() if k != "total")
-        + f" GiB) but its device has {free / gib:.1f} GiB free; expected the slab to fit. "
+        f"{where}: a worker needs ≈ {need / gib:.1f} GiB ({_gib_parts(memory, 1)} GiB) but "
+        f"its device has {free / gib:.1f} GiB free; expected the slab to fit. "
         f"{fix}, set value_dtype: float16 (half the data), or train on fewer tracks."
     )
 

@@ -41,6 +41,26 @@ def _isolated_mlflow_env():
     os.environ.update(before)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on the shared cores: one intra-op thread is faster than two and avoids spin
+    contention. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_torch_thread_seeded(one_torch_thread):
+    """:func:`one_torch_thread`, with torch's global RNG seeded to 0 before each test."""
+    import torch
+
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real reference data); tests using it skip when it is absent."""

@@ -38,15 +38,7 @@ SMALL = EDiceParams(
     n_targets=0.25,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores are shared by many processes: one intra-op thread avoids spin contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_seeded")
 
 
 def config(store, out, **kw) -> IndividualsConfig:

@@ -14,19 +14,12 @@ from epiray.models import Vocabulary, chrom_data_from_numpy
 from epiray.models.avocado import Avocado, AvocadoParams
 from epiray.models.baselines import AverageActivity
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = AvocadoParams(
     n_nodes=32, n_assay_factors=8, n_biosample_factors=4, n_genome_factors=(4, 4, 4)
 )
 TEST = ((0, 0), (3, 2))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two on the shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def lowrank(nb: int, na: int, n: int, seed: int = 0, rank: int = 3) -> np.ndarray:

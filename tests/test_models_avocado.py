@@ -22,6 +22,8 @@ from epiray.models import (
 from epiray.models.avocado import Avocado, AvocadoParams
 from epiray.models.baselines import AverageActivity
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PILOT = Path(__file__).resolve().parents[2] / "shared/data/roadmap-pilot"
 TINY = {
     "n_nodes": 32,
@@ -29,15 +31,6 @@ TINY = {
     "n_biosample_factors": 4,
     "n_genome_factors": (4, 4, 4),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two on the shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def lowrank(nb: int, na: int, n: int, seed: int = 0, rank: int = 3) -> np.ndarray:

@@ -18,17 +18,9 @@ from epiray.models.edice import (
     select_targets,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread_seeded")
+
 SMALL = dict(dim=16, heads=4, ffn_hidden=16, mlp_hidden=32, attention_dropout=0.0, mlp_dropout=0.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores are shared by many processes: one intra-op thread avoids spin contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
 
 
 def grid_vocab(nb: int, na: int, species: str = "human", prefix: str = "b") -> Vocabulary:
