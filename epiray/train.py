@@ -350,7 +350,7 @@ def check_worker_memory(
     need = memory["total"]
     if need <= free:
         return
-    per_bins = sum(memory[k] for k in _BIN_PARTS)
+    per_bins = sum(memory.get(k, 0) for k in _BIN_PARTS)  # parts that shrink with bins
     fixed = need - per_bins
     gib = 2**30
     if fixed < free:
