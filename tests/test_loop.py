@@ -57,15 +57,21 @@ def problem(n=2000, lo=0, hi=None):
     return t, vocab, data
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
-    params = LoopParams(epochs=4, batch_size=300, lr=1e-2, patience=None, seed=3)
+@pytest.mark.parametrize(
+    "schedule, shrinkage", [("constant", 0.0), ("cosine", 0.5)], ids=["plain", "cosine-shrunk"]
+)
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, schedule, shrinkage):
+    params = LoopParams(
+        epochs=4, batch_size=300, lr=1e-2, patience=None, seed=3, lr_schedule=schedule
+    )
+    arch = TINY.model_copy(update={"biosample_shrinkage": shrinkage})
     _, vocab, data = problem(n=900)
     torch.manual_seed(0)
-    whole = Avocado.build(TINY, vocab, data)
+    whole = Avocado.build(arch, vocab, data)
     full = fit(whole, data, params)
 
     torch.manual_seed(0)
-    first = Avocado.build(TINY, vocab, data)
+    first = Avocado.build(arch, vocab, data)
     saved = []
 
     def callback(state: TrainState, metrics: dict) -> None:
@@ -83,6 +89,46 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     drop = {"seconds", "examples_per_s"}
     strip = [{k: v for k, v in h.items() if k not in drop} for h in full.history]
     assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == strip
+
+
+def test_cosine_schedule_sets_both_rates_per_epoch(monkeypatch):
+    _, vocab, data = problem(n=600)
+    torch.manual_seed(0)
+    model = Avocado.build(TINY, vocab, data)
+    params = LoopParams(
+        epochs=4, batch_size=200, lr=1e-2, sparse_lr=4e-2, patience=None, lr_schedule="cosine"
+    )
+    used: dict[str, list[float]] = {"dense": [], "sparse": []}
+    for kind, cls in (("dense", torch.optim.Adam), ("sparse", RowAdam)):
+
+        def step(self, *a, _step=cls.step, _kind=kind, **k):
+            used[_kind].append(self.param_groups[0]["lr"])
+            return _step(self, *a, **k)
+
+        monkeypatch.setattr(cls, "step", step)
+    state = fit(model, data, params)
+    factors = [0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(4)]
+    assert [h["lr"] for h in state.history] == pytest.approx([1e-2 * f for f in factors])
+    for kind, base in (("dense", 1e-2), ("sparse", 4e-2)):
+        per_epoch = np.array(used[kind]).reshape(4, -1)  # 3 steps per epoch, 600 bins / 200
+        assert per_epoch == pytest.approx(np.array(factors)[:, None] * base * np.ones((4, 3)))
+    assert factors[0] == 1.0 and factors[-1] < 0.15
+
+
+def test_penalty_is_optimised_but_not_reported_as_training_error():
+    class Constant(Avocado):
+        def penalty(self):
+            return torch.tensor(1000.0)
+
+    _, vocab, data = problem(n=600)
+    params = LoopParams(epochs=2, batch_size=200, lr=1e-2, patience=None)
+    runs = []
+    for cls in (Avocado, Constant):
+        torch.manual_seed(0)
+        runs.append(fit(cls.build(TINY, vocab, data), data, params).history)
+    # a constant penalty has no gradient: the same training, and train_mse leaves it out
+    assert [h["train_mse"] for h in runs[0]] == [h["train_mse"] for h in runs[1]]
+    assert runs[0][-1]["train_mse"] < 10
 
 
 def test_early_stopping_restores_the_best_epoch():

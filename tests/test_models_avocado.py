@@ -294,6 +294,39 @@ def test_fits_a_low_rank_tensor_far_better_than_average_activity():
     assert model_mse < 0.5 * aa_mse, (model_mse, aa_mse)
 
 
+def test_biosample_shrinkage_penalises_what_a_biosample_changes_in_the_network():
+    _, vocab, data, _ = make_problem(n=300)
+    torch.manual_seed(0)
+    plain = Avocado.build(AvocadoParams(**TINY), vocab, data)
+    assert plain.penalty() is None  # the paper: no penalty
+    model = Avocado.build(AvocadoParams(**TINY, biosample_shrinkage=0.3), vocab, data)
+    b = model.biosample_factors[0].detach()
+    w = model.hidden[0].weight.detach()[:, : b.shape[1]]
+    want = 0.3 * np.mean([float(((w @ (bi - b.mean(0))) ** 2).sum()) for bi in b])
+    assert float(model.penalty()) == pytest.approx(want, rel=1e-5)
+    # the network cannot undo it by scaling: factors × 4 and their weights / 4 change nothing
+    before = model.predict(data, 2, 3)
+    with torch.no_grad():
+        model.biosample_factors[0].mul_(4.0)
+        model.hidden[0].weight[:, : b.shape[1]].div_(4.0)
+    assert float(model.penalty()) == pytest.approx(want, rel=1e-4)
+    torch.testing.assert_close(model.predict(data, 2, 3), before, rtol=1e-5, atol=1e-6)
+
+
+def test_strong_biosample_shrinkage_makes_every_biosample_look_alike():
+    _, vocab, data, _ = make_problem(n=1000)
+    spread = {}
+    for lam in (0.0, 100.0):
+        torch.manual_seed(0)
+        model = Avocado.build(AvocadoParams(**TINY, biosample_shrinkage=lam), vocab, data)
+        fit(model, data, LoopParams(epochs=15, batch_size=250, lr=1e-2, patience=None))
+        with torch.no_grad():
+            assay0 = torch.stack([model.predict(data, b, 0) for b in range(5)])
+        spread[lam] = float(assay0.var(0).mean())
+    # shrunk hard, biosample 0's held-out assay-0 track is what the others show for assay 0
+    assert spread[100.0] < 1e-3 * spread[0.0], spread
+
+
 def test_cross_species_batches_are_half_human_through_the_alignment():
     vocab, data = aux_problem()
     model = Avocado.build(AvocadoParams(**TINY, variant="cross_species"), vocab, data)

@@ -744,6 +744,14 @@ class ImputationModel(nn.Module):
         """Scalar mean squared error of the batch (float32)."""
         raise NotImplementedError
 
+    def penalty(self) -> Tensor | None:
+        """Regularisation added to every step's batch loss, or None (the default: none).
+
+        A function of the dense parameters only, so it is the same on every worker and its
+        gradient survives the all-reduce average; the loop keeps it out of ``train_mse``.
+        """
+        return None
+
     def predict(self, data: ChromData, biosample: int, assay: int) -> Tensor:
         """Imputed track ``[hi-lo]`` float32 (arcsinh scale) of (biosample, assay), on device."""
         raise NotImplementedError

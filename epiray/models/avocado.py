@@ -62,6 +62,14 @@ class AvocadoParams(Section):
         Hidden ReLU layers and their width (2 × 2,048).
     aux_fraction
         Share of every batch drawn from the other species (cross_species/concat).
+    biosample_shrinkage
+        Weight ``λ`` of a penalty on how far each biosample moves the network from the mean
+        biosample: ``λ · mean_i ‖W_b (b_i − b̄)‖²``, with ``b_i`` the biosample factors, ``b̄``
+        their mean and ``W_b`` the first layer's biosample columns (so the network cannot undo
+        it by scaling). 0 (the paper) turns it off. With few biosamples — the five cell types of
+        the Roadmap pilot — a biosample's factor is fit to a handful of tracks and the network
+        extrapolates an unseen (biosample, assay) pair from them freely; the penalty keeps what
+        a biosample changes to what its tracks need, so the rest follows the other biosamples.
     init_scale
         Factors start uniform in ``[-init_scale, init_scale]`` (Keras' default embedding init,
         as the original package).
@@ -77,6 +85,7 @@ class AvocadoParams(Section):
     n_layers: int = Field(2, ge=1)
     n_nodes: int = Field(2048, ge=1)
     aux_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    biosample_shrinkage: float = Field(0.0, ge=0.0)
     init_scale: float = Field(0.05, gt=0.0)
     predict_batch_size: int = Field(65536, ge=1)
 
@@ -674,6 +683,15 @@ class Avocado(ImputationModel):
             pair = self._pair_inputs(pair_b[uniq], pair_a[uniq])
         pred = self(genome, pair, pair_idx)
         return F.mse_loss(pred.float(), y)
+
+    def penalty(self) -> Tensor | None:
+        """``biosample_shrinkage`` (see :class:`AvocadoParams`), or None when it is 0."""
+        lam = self.params.biosample_shrinkage
+        if lam == 0.0:
+            return None
+        b = self._table(self.biosample_factors).float()
+        w = self.hidden[0].weight[:, : b.shape[1]].float()
+        return lam * ((b - b.mean(0, keepdim=True)) @ w.t()).pow(2).sum(1).mean()
 
     def _check_slab(self, data: ChromData) -> None:
         if (data.lo, data.hi) != (self.lo, self.hi):
