@@ -154,7 +154,7 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         if len(grid) == 1:
             model_kw = {**base_kw, "biosample_shrinkage": grid[0]}
         elif grid:
-            selection = _select_shrinkage(args, grid, cell, val, base_kw, loop_kw)
+            selection = _select_shrinkage(args, tracks, grid, cell, val, base_kw, loop_kw)
             lam = min(selection, key=selection.get)
             model_kw = {**base_kw, "biosample_shrinkage": lam}
             print(f"  {cell}: biosample_shrinkage {lam} chosen on {val_cell}.H3K4me3", flush=True)
@@ -242,12 +242,12 @@ def cmd_loo(args: argparse.Namespace) -> dict:
     }
 
 
-def _select_shrinkage(args, grid, cell: str, val: tuple[str, str], model_kw, loop_kw) -> dict:
+def _select_shrinkage(args, all_tracks, grid, cell, val, model_kw, loop_kw) -> dict:
     """Validation MSE of ``val`` for each shrinkage weight in ``grid``: a model per weight
     trained on the first ``--select-bins`` bins of the 23 tracks left without the test and
     validation tracks (the test track is never read), the loop's last epoch scored."""
-    tracks = {k: v for k, v in _load(args.select_bins).items() if k != (cell, "H3K4me3")}
-    vocab = _vocab(args.select_bins)
+    tracks = {k: v[: args.select_bins] for k, v in all_tracks.items() if k != (cell, "H3K4me3")}
+    vocab = _vocab(len(next(iter(tracks.values()))))
     data = _data(tracks, vocab, [k for k in tracks if k != val], [val])
     out = {}
     for lam in grid:
