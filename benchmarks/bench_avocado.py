@@ -8,12 +8,17 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     impute it, report MSE and Pearson beside average activity (mean of the other 4 cell types'
     H3K4me3). Nothing ever looks at the test track. Default (``--config cosine --protocol
     fixed``): ``biosample_shrinkage`` is chosen per test track among ``--select-shrinkage``
-    weights by the MSE of a validation track (the next cell type's H3K4me3) of models trained
-    on the other 23 tracks' first 200,000 bins; then a model trains on all 24 tracks for 30
-    epochs with a cosine learning-rate decay and its last epoch imputes. ``--config pilot
+    weights by nested leave-one-out: for each other cell type's H3K4me3, a model trained on the
+    first 200,000 bins of the 23 tracks left without it and the test track, scored on it; the
+    weight with the lowest mean score wins (``--select-rule next``: only the next cell type's
+    track, session 4). Then a model trains on all 24 tracks for 30 epochs with a cosine
+    learning-rate decay and its last epoch imputes. ``--config pilot
     --protocol holdout`` is the earlier protocol (23 tracks, early stopping on the validation
     track, best epoch imputes); ``--protocol refit`` retrains on all 24 tracks for the epochs
     the holdout stage found best.
+``select``
+    The nested selection's table (10 pairs of H3K4me3 tracks × the shrinkage grid, a model
+    each), in shards for parallel processes; ``loo --selection`` reads it.
 ``throughput``
     Training samples/s at the paper's hyperparameters (2 × 2,048, factors 32/256/25+40+45,
     batch 40,000), pilot data, through ``epiray.loop.fit``. Wall-clock and per-CPU-second
@@ -31,6 +36,8 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     the estimate per worker for the whole compendium's chr1 by number of workers.
 
     .venv/bin/python benchmarks/bench_avocado.py loo
+    .venv/bin/python benchmarks/bench_avocado.py select --shard 0/2 --out sel0.json  # and 1/2
+    .venv/bin/python benchmarks/bench_avocado.py loo --selection sel0.json sel1.json
     .venv/bin/python benchmarks/bench_avocado.py loo --cells E065 --epochs 4 --select-shrinkage 0
     .venv/bin/python benchmarks/bench_avocado.py loo --config pilot --protocol holdout --diagnose
     .venv/bin/python benchmarks/bench_avocado.py throughput --steps 3
@@ -144,6 +151,9 @@ def cmd_loo(args: argparse.Namespace) -> dict:
     grid = args.select_shrinkage
     if grid is None:
         grid = SHRINKAGE_GRID if args.config == "cosine" else []
+    table: dict = {}
+    for path in args.selection or []:
+        table.update(json.loads(Path(path).read_text())["table"])
     for cell in args.cells:
         test = (cell, "H3K4me3")
         train = [k for k in tracks if k != test]
@@ -154,10 +164,25 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         if len(grid) == 1:
             model_kw = {**base_kw, "biosample_shrinkage": grid[0]}
         elif grid:
-            selection = _select_shrinkage(args, tracks, grid, cell, val, base_kw, loop_kw)
+            vcells = _val_cells(cell, args.select_rule)
+            missing = [
+                (cell, v) for v in vcells if any(_pair_key(cell, v, g) not in table for g in grid)
+            ]
+            table.update(_pair_scores(args, tracks, grid, base_kw, loop_kw, missing))
+            # the test track's own scores in the table are never used for its choice
+            selection = {
+                g: round(float(np.mean([table[_pair_key(cell, v, g)][v] for v in vcells])), 5)
+                for g in grid
+            }
             lam = min(selection, key=selection.get)
             model_kw = {**base_kw, "biosample_shrinkage": lam}
-            print(f"  {cell}: biosample_shrinkage {lam} chosen on {val_cell}.H3K4me3", flush=True)
+            print(
+                f"  {cell}: biosample_shrinkage {lam} chosen on the mean validation MSE of "
+                + ", ".join(f"{v}.H3K4me3" for v in vcells)
+                + ": "
+                + ", ".join(f"{g}: {m:.4f}" for g, m in selection.items()),
+                flush=True,
+            )
         if args.protocol == "fixed":  # all 24 tracks for the loop's epochs, no validation
             data1 = _data(tracks, vocab, train)
         else:  # stage 1: 23 training tracks, one more H3K4me3 track for early stopping
@@ -204,6 +229,7 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         }
         if selection is not None:
             row["selection_val_mse"] = selection
+            row["selection_val_tracks"] = [f"{v}.H3K4me3" for v in vcells]
             row["biosample_shrinkage"] = model_kw["biosample_shrinkage"]
         if args.diagnose:
             row["diagnosis"] = diag
@@ -242,23 +268,53 @@ def cmd_loo(args: argparse.Namespace) -> dict:
     }
 
 
-def _select_shrinkage(args, all_tracks, grid, cell, val, model_kw, loop_kw) -> dict:
-    """Validation MSE of ``val`` for each shrinkage weight in ``grid``: a model per weight
-    trained on the first ``--select-bins`` bins of the 23 tracks left without the test and
-    validation tracks (the test track is never read), the loop's last epoch scored."""
-    tracks = {k: v[: args.select_bins] for k, v in all_tracks.items() if k != (cell, "H3K4me3")}
+def _pairs() -> list[tuple[str, str]]:
+    """The 10 unordered pairs of H3K4me3 cell types."""
+    return [(u, v) for i, u in enumerate(CELLS) for v in CELLS[i + 1 :]]
+
+
+def _pair_scores(args, all_tracks, grid, model_kw, loop_kw, pairs) -> dict:
+    """The selection table: for each pair of H3K4me3 tracks and each shrinkage weight, a model
+    trained on the other 23 tracks' first ``--select-bins`` bins for the loop's epochs (last
+    epoch kept) and its MSE on each of the two. ``{"E003|E017|10.0": {"E003": mse, ...}}``.
+
+    Neither track of a pair is seen in training, so the pair's score on ``v`` is a validation
+    score for the test track ``u`` and vice versa."""
+    tracks = {k: v[: args.select_bins] for k, v in all_tracks.items()}
     vocab = _vocab(len(next(iter(tracks.values()))))
-    data = _data(tracks, vocab, [k for k in tracks if k != val], [val])
     out = {}
-    for lam in grid:
-        torch.manual_seed(args.seed)
-        arch = AvocadoParams(**{**model_kw, "biosample_shrinkage": lam})
-        model = Avocado.build(arch, vocab, data)
-        loop = {**loop_kw, "patience": None, "restore_best": False}
-        st = fit(model, data, LoopParams(**loop, seed=args.seed))
-        out[lam] = round(float(st.history[-1]["val_mse"]), 5)
-        print(f"  {cell} selection: shrinkage {lam} -> val MSE {out[lam]:.4f}", flush=True)
+    for u, v in pairs:
+        held = [(u, "H3K4me3"), (v, "H3K4me3")]
+        data = _data(tracks, vocab, [k for k in tracks if k not in held], held)
+        for lam in grid:
+            torch.manual_seed(args.seed)
+            model = Avocado.build(
+                AvocadoParams(**{**model_kw, "biosample_shrinkage": lam}), vocab, data
+            )
+            loop = {**loop_kw, "patience": None, "restore_best": False}
+            st = fit(model, data, LoopParams(**loop, seed=args.seed))
+            mu, mv = st.history[-1]["val_mse_tracks"]
+            out[_pair_key(u, v, lam)] = {u: round(float(mu), 5), v: round(float(mv), 5)}
+            print(
+                f"  selection {u}+{v} held out, shrinkage {lam}: val MSE {u} {mu:.4f} "
+                f"{v} {mv:.4f}",
+                flush=True,
+            )
     return out
+
+
+def _pair_key(u: str, v: str, lam: float) -> str:
+    a, b = sorted((u, v))
+    return f"{a}|{b}|{float(lam)}"
+
+
+def _val_cells(cell: str, rule: str) -> list[str]:
+    """Validation cell types for a held-out ``cell``: ``next`` — the next cell type's H3K4me3
+    (session 4); ``nested`` — every other cell type's H3K4me3, the scores averaged (nested
+    leave-one-out: for each, a model without the test and that track)."""
+    if rule == "next":
+        return [CELLS[(CELLS.index(cell) + 1) % len(CELLS)]]
+    return [c for c in CELLS if c != cell]
 
 
 def _diagnose(model: Avocado, data: ChromData, vocab: Vocabulary, cell: str, truth) -> dict:
@@ -280,6 +336,33 @@ def _diagnose(model: Avocado, data: ChromData, vocab: Vocabulary, cell: str, tru
             c: round(float(np.mean((p - truth) ** 2)), 4) for c, p in preds.items()
         },
     }
+
+
+def cmd_select(args: argparse.Namespace) -> dict:
+    """The selection table for ``loo --selection``, computed in shards (``--shard i/n`` takes
+    every n-th pair from the i-th) so that several processes share the 40 models."""
+    i, n = (int(x) for x in args.shard.split("/"))
+    base_model, base_loop = CONFIGS[args.config]
+    loop_kw = dict(base_loop)
+    if args.epochs:
+        loop_kw["epochs"] = args.epochs
+    t0, c0 = time.perf_counter(), time.process_time()
+    table = _pair_scores(args, _load(), args.grid, base_model, loop_kw, _pairs()[i::n])
+    out = {
+        "bench": "avocado_select",
+        "shard": args.shard,
+        "select_bins": args.select_bins,
+        "loop": loop_kw,
+        "table": table,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "cpu_s": round(time.process_time() - c0, 1),
+        "loadavg": _loadavg(),
+    }
+    if args.out:
+        tmp = Path(f"{args.out}.tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(args.out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +627,20 @@ def main() -> None:
         f"default {SHRINKAGE_GRID} with --config cosine)",
     )
     p.add_argument("--select-bins", type=int, default=200_000)
+    p.add_argument(
+        "--select-rule",
+        choices=["nested", "next"],
+        default="nested",
+        help="validation tracks for the choice: every other cell type's H3K4me3, averaged "
+        "(nested), or only the next cell type's (next, session 4)",
+    )
+    p.add_argument(
+        "--selection",
+        nargs="+",
+        default=None,
+        help="selection tables written by the select subcommand (pairs missing from them "
+        "are trained here)",
+    )
     p.add_argument("--model", default="{}", help="JSON overrides of AvocadoParams")
     p.add_argument("--loop", default="{}", help="JSON overrides of LoopParams")
     p.add_argument("--epochs", type=int, default=None)
@@ -553,6 +650,14 @@ def main() -> None:
         action="store_true",
         help="also impute with the other cell types' factors (the model's own average activity)",
     )
+    p = sub.add_parser("select", help="the shrinkage selection table for loo, in shards")
+    p.add_argument("--shard", default="0/1", help="i/n: every n-th pair from the i-th")
+    p.add_argument("--grid", nargs="+", type=float, default=SHRINKAGE_GRID)
+    p.add_argument("--select-bins", type=int, default=200_000)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="cosine")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the table here (atomically)")
     p = sub.add_parser("throughput", help="samples/s at paper sizes on the pilot")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=40_000)
@@ -576,6 +681,7 @@ def main() -> None:
     args = ap.parse_args()
     fn = {
         "loo": cmd_loo,
+        "select": cmd_select,
         "throughput": cmd_throughput,
         "scale": cmd_scale,
         "sparse": cmd_sparse,
