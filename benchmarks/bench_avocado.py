@@ -17,8 +17,9 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     track, best epoch imputes); ``--protocol refit`` retrains on all 24 tracks for the epochs
     the holdout stage found best.
 ``select``
-    The nested selection's table (10 pairs of H3K4me3 tracks × the shrinkage grid, a model
-    each), in shards for parallel processes; ``loo --selection`` reads it.
+    The selection table of a rule (``--rule nested``: 10 pairs of H3K4me3 tracks; ``same-cell``:
+    20 pairs of a held-out H3K4me3 and another assay of its cell type; × the shrinkage grid, a
+    model each), in shards for parallel processes; ``loo --selection`` reads it.
 ``throughput``
     Training samples/s at the paper's hyperparameters (2 × 2,048, factors 32/256/25+40+45,
     batch 40,000), pilot data, through ``epiray.loop.fit``. Wall-clock and per-CPU-second
@@ -164,21 +165,21 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         if len(grid) == 1:
             model_kw = {**base_kw, "biosample_shrinkage": grid[0]}
         elif grid:
-            vcells = _val_cells(cell, args.select_rule)
+            vals = _val_tracks(cell, args.select_rule)
             missing = [
-                (cell, v) for v in vcells if any(_pair_key(cell, v, g) not in table for g in grid)
+                (test, v) for v in vals if any(_pair_key(test, v, g) not in table for g in grid)
             ]
             table.update(_pair_scores(args, tracks, grid, base_kw, loop_kw, missing))
             # the test track's own scores in the table are never used for its choice
             selection = {
-                g: round(float(np.mean([table[_pair_key(cell, v, g)][v] for v in vcells])), 5)
+                g: round(float(np.mean([table[_pair_key(test, v, g)][_name(v)] for v in vals])), 5)
                 for g in grid
             }
             lam = min(selection, key=selection.get)
             model_kw = {**base_kw, "biosample_shrinkage": lam}
             print(
                 f"  {cell}: biosample_shrinkage {lam} chosen on the mean validation MSE of "
-                + ", ".join(f"{v}.H3K4me3" for v in vcells)
+                + ", ".join(_name(v) for v in vals)
                 + ": "
                 + ", ".join(f"{g}: {m:.4f}" for g, m in selection.items()),
                 flush=True,
@@ -229,7 +230,8 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         }
         if selection is not None:
             row["selection_val_mse"] = selection
-            row["selection_val_tracks"] = [f"{v}.H3K4me3" for v in vcells]
+            row["selection_val_tracks"] = [_name(v) for v in vals]
+            row["selection_rule"] = args.select_rule
             row["biosample_shrinkage"] = model_kw["biosample_shrinkage"]
         if args.diagnose:
             row["diagnosis"] = diag
@@ -268,53 +270,71 @@ def cmd_loo(args: argparse.Namespace) -> dict:
     }
 
 
-def _pairs() -> list[tuple[str, str]]:
-    """The 10 unordered pairs of H3K4me3 cell types."""
-    return [(u, v) for i, u in enumerate(CELLS) for v in CELLS[i + 1 :]]
+Track = tuple[str, str]
+
+
+def _name(track: Track) -> str:
+    return f"{track[0]}.{track[1]}"
+
+
+def _val_tracks(cell: str, rule: str) -> list[Track]:
+    """Validation tracks for the held-out ``(cell, H3K4me3)``, each scored by a model trained
+    without it and the test track. ``next``: the next cell type's H3K4me3 (session 4);
+    ``nested``: every other cell type's H3K4me3 (nested leave-one-out over the assay);
+    ``same-cell``: the held-out cell type's other four assays (does this biosample's own
+    factor carry to an assay it has not seen?)."""
+    if rule == "next":
+        return [(CELLS[(CELLS.index(cell) + 1) % len(CELLS)], "H3K4me3")]
+    if rule == "nested":
+        return [(c, "H3K4me3") for c in CELLS if c != cell]
+    return [(cell, a) for a in ASSAYS if a != "H3K4me3"]
+
+
+def _pairs(rule: str) -> list[tuple[Track, Track]]:
+    """Every (test, validation) pair a rule needs over the five held-out tracks, once."""
+    seen, out = set(), []
+    for cell in CELLS:
+        for v in _val_tracks(cell, rule):
+            key = frozenset([(cell, "H3K4me3"), v])
+            if key not in seen:
+                seen.add(key)
+                out.append(((cell, "H3K4me3"), v))
+    return out
+
+
+def _pair_key(u: Track, v: Track, lam: float) -> str:
+    a, b = sorted((_name(u), _name(v)))
+    return f"{a}|{b}|{float(lam)}"
 
 
 def _pair_scores(args, all_tracks, grid, model_kw, loop_kw, pairs) -> dict:
-    """The selection table: for each pair of H3K4me3 tracks and each shrinkage weight, a model
-    trained on the other 23 tracks' first ``--select-bins`` bins for the loop's epochs (last
-    epoch kept) and its MSE on each of the two. ``{"E003|E017|10.0": {"E003": mse, ...}}``.
-
-    Neither track of a pair is seen in training, so the pair's score on ``v`` is a validation
-    score for the test track ``u`` and vice versa."""
+    """The selection table: for each pair of tracks and each shrinkage weight, a model trained
+    on the other 23 tracks' first ``--select-bins`` bins for the loop's epochs (last epoch
+    kept) and its MSE on each of the two: ``{"E003.H3K4me3|E017.H3K4me3|10.0": {"E003.H3K4me3":
+    mse, ...}}``. Neither track of a pair is seen in training, so the pair's score on one is a
+    validation score when the other is the test track."""
     tracks = {k: v[: args.select_bins] for k, v in all_tracks.items()}
     vocab = _vocab(len(next(iter(tracks.values()))))
     out = {}
     for u, v in pairs:
-        held = [(u, "H3K4me3"), (v, "H3K4me3")]
-        data = _data(tracks, vocab, [k for k in tracks if k not in held], held)
+        data = _data(tracks, vocab, [k for k in tracks if k not in (u, v)], [u, v])
         for lam in grid:
             torch.manual_seed(args.seed)
-            model = Avocado.build(
-                AvocadoParams(**{**model_kw, "biosample_shrinkage": lam}), vocab, data
-            )
+            arch = AvocadoParams(**{**model_kw, "biosample_shrinkage": lam})
+            model = Avocado.build(arch, vocab, data)
             loop = {**loop_kw, "patience": None, "restore_best": False}
             st = fit(model, data, LoopParams(**loop, seed=args.seed))
             mu, mv = st.history[-1]["val_mse_tracks"]
-            out[_pair_key(u, v, lam)] = {u: round(float(mu), 5), v: round(float(mv), 5)}
+            out[_pair_key(u, v, lam)] = {
+                _name(u): round(float(mu), 5),
+                _name(v): round(float(mv), 5),
+            }
             print(
-                f"  selection {u}+{v} held out, shrinkage {lam}: val MSE {u} {mu:.4f} "
-                f"{v} {mv:.4f}",
+                f"  selection {_name(u)} + {_name(v)} held out, shrinkage {lam}: "
+                f"val MSE {mu:.4f} / {mv:.4f}",
                 flush=True,
             )
     return out
-
-
-def _pair_key(u: str, v: str, lam: float) -> str:
-    a, b = sorted((u, v))
-    return f"{a}|{b}|{float(lam)}"
-
-
-def _val_cells(cell: str, rule: str) -> list[str]:
-    """Validation cell types for a held-out ``cell``: ``next`` — the next cell type's H3K4me3
-    (session 4); ``nested`` — every other cell type's H3K4me3, the scores averaged (nested
-    leave-one-out: for each, a model without the test and that track)."""
-    if rule == "next":
-        return [CELLS[(CELLS.index(cell) + 1) % len(CELLS)]]
-    return [c for c in CELLS if c != cell]
 
 
 def _diagnose(model: Avocado, data: ChromData, vocab: Vocabulary, cell: str, truth) -> dict:
@@ -340,28 +360,45 @@ def _diagnose(model: Avocado, data: ChromData, vocab: Vocabulary, cell: str, tru
 
 def cmd_select(args: argparse.Namespace) -> dict:
     """The selection table for ``loo --selection``, computed in shards (``--shard i/n`` takes
-    every n-th pair from the i-th) so that several processes share the 40 models."""
+    every n-th pair from the i-th) so that several processes share the models. With ``--out``
+    the table is rewritten (atomically) after every pair, and pairs already in it are skipped,
+    so a killed shard resumes and ``loo`` can read the rows finished so far."""
     i, n = (int(x) for x in args.shard.split("/"))
     base_model, base_loop = CONFIGS[args.config]
     loop_kw = dict(base_loop)
     if args.epochs:
         loop_kw["epochs"] = args.epochs
     t0, c0 = time.perf_counter(), time.process_time()
-    table = _pair_scores(args, _load(), args.grid, base_model, loop_kw, _pairs()[i::n])
     out = {
         "bench": "avocado_select",
         "shard": args.shard,
+        "rule": args.rule,
         "select_bins": args.select_bins,
+        "grid": args.grid,
         "loop": loop_kw,
-        "table": table,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "cpu_s": round(time.process_time() - c0, 1),
-        "loadavg": _loadavg(),
+        "table": {},
     }
-    if args.out:
-        tmp = Path(f"{args.out}.tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(args.out)
+    if args.out and Path(args.out).is_file():
+        prev = json.loads(Path(args.out).read_text())
+        if {k: prev.get(k) for k in ("rule", "select_bins", "grid", "loop")} != {
+            k: out[k] for k in ("rule", "select_bins", "grid", "loop")
+        }:
+            sys.exit(f"bench_avocado select: {args.out} holds another selection; remove it.")
+        out["table"] = prev["table"]
+    tracks = _load()
+    for u, v in _pairs(args.rule)[i::n]:
+        if all(_pair_key(u, v, g) in out["table"] for g in args.grid):
+            continue
+        out["table"].update(_pair_scores(args, tracks, args.grid, base_model, loop_kw, [(u, v)]))
+        out |= {
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(time.process_time() - c0, 1),
+            "loadavg": _loadavg(),
+        }
+        if args.out:
+            tmp = Path(f"{args.out}.tmp")
+            tmp.write_text(json.dumps(out, indent=1))
+            tmp.replace(args.out)
     return out
 
 
@@ -629,10 +666,11 @@ def main() -> None:
     p.add_argument("--select-bins", type=int, default=200_000)
     p.add_argument(
         "--select-rule",
-        choices=["nested", "next"],
+        choices=["nested", "same-cell", "next"],
         default="nested",
-        help="validation tracks for the choice: every other cell type's H3K4me3, averaged "
-        "(nested), or only the next cell type's (next, session 4)",
+        help="validation tracks for the choice, their MSEs averaged: every other cell type's "
+        "H3K4me3 (nested), the held-out cell type's other four assays (same-cell), or only the "
+        "next cell type's H3K4me3 (next, session 4)",
     )
     p.add_argument(
         "--selection",
@@ -652,6 +690,7 @@ def main() -> None:
     )
     p = sub.add_parser("select", help="the shrinkage selection table for loo, in shards")
     p.add_argument("--shard", default="0/1", help="i/n: every n-th pair from the i-th")
+    p.add_argument("--rule", choices=["nested", "same-cell", "next"], default="nested")
     p.add_argument("--grid", nargs="+", type=float, default=SHRINKAGE_GRID)
     p.add_argument("--select-bins", type=int, default=200_000)
     p.add_argument("--config", choices=sorted(CONFIGS), default="cosine")
