@@ -62,6 +62,7 @@ from epiray.loop import LoopParams, RowAdam, fit
 from epiray.models import ChromData, Vocabulary, chrom_data_from_numpy
 from epiray.models.avocado import Avocado, AvocadoParams
 from epiray.models.baselines import AverageActivity
+from epiray.store import atomic_write_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/roadmap-pilot"
 CELLS = ["E003", "E017", "E065", "E116", "E117"]
@@ -89,6 +90,8 @@ COSINE_LOOP = {
     "restore_best": False,
 }
 SHRINKAGE_GRID = [0.0, 0.1, 1.0, 10.0]
+#: Validation rules for the shrinkage weight (``_val_tracks``).
+SELECT_RULES = ["nested", "same-cell", "next"]
 CONFIGS = {"pilot": (PILOT_MODEL, PILOT_LOOP), "cosine": (COSINE_MODEL, COSINE_LOOP)}
 
 
@@ -315,6 +318,7 @@ def _pair_scores(args, all_tracks, grid, model_kw, loop_kw, pairs) -> dict:
     validation score when the other is the test track."""
     tracks = {k: v[: args.select_bins] for k, v in all_tracks.items()}
     vocab = _vocab(len(next(iter(tracks.values()))))
+    loop = LoopParams(**{**loop_kw, "patience": None, "restore_best": False}, seed=args.seed)
     out = {}
     for u, v in pairs:
         data = _data(tracks, vocab, [k for k in tracks if k not in (u, v)], [u, v])
@@ -322,8 +326,7 @@ def _pair_scores(args, all_tracks, grid, model_kw, loop_kw, pairs) -> dict:
             torch.manual_seed(args.seed)
             arch = AvocadoParams(**{**model_kw, "biosample_shrinkage": lam})
             model = Avocado.build(arch, vocab, data)
-            loop = {**loop_kw, "patience": None, "restore_best": False}
-            st = fit(model, data, LoopParams(**loop, seed=args.seed))
+            st = fit(model, data, loop)
             mu, mv = st.history[-1]["val_mse_tracks"]
             out[_pair_key(u, v, lam)] = {
                 _name(u): round(float(mu), 5),
@@ -396,9 +399,7 @@ def cmd_select(args: argparse.Namespace) -> dict:
             "loadavg": _loadavg(),
         }
         if args.out:
-            tmp = Path(f"{args.out}.tmp")
-            tmp.write_text(json.dumps(out, indent=1))
-            tmp.replace(args.out)
+            atomic_write_text(Path(args.out), json.dumps(out, indent=1))
     return out
 
 
@@ -666,7 +667,7 @@ def main() -> None:
     p.add_argument("--select-bins", type=int, default=200_000)
     p.add_argument(
         "--select-rule",
-        choices=["nested", "same-cell", "next"],
+        choices=SELECT_RULES,
         default="nested",
         help="validation tracks for the choice, their MSEs averaged: every other cell type's "
         "H3K4me3 (nested), the held-out cell type's other four assays (same-cell), or only the "
@@ -690,7 +691,7 @@ def main() -> None:
     )
     p = sub.add_parser("select", help="the shrinkage selection table for loo, in shards")
     p.add_argument("--shard", default="0/1", help="i/n: every n-th pair from the i-th")
-    p.add_argument("--rule", choices=["nested", "same-cell", "next"], default="nested")
+    p.add_argument("--rule", choices=SELECT_RULES, default="nested")
     p.add_argument("--grid", nargs="+", type=float, default=SHRINKAGE_GRID)
     p.add_argument("--select-bins", type=int, default=200_000)
     p.add_argument("--config", choices=sorted(CONFIGS), default="cosine")
