@@ -12,7 +12,10 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     first 200,000 bins of the 23 tracks left without it and the test track, scored on it; the
     weight with the lowest mean score wins (``--select-rule next``: only the next cell type's
     track, session 4). Then a model trains on all 24 tracks for 30 epochs with a cosine
-    learning-rate decay and its last epoch imputes. ``--config pilot
+    learning-rate decay and its last epoch imputes; its batches are the config's scaled by
+    bins / ``--select-bins``, so it takes as many optimiser steps per epoch as the models that
+    chose its weight (``--retrain-batch config``: the config's batches, sessions 4 and 5).
+    ``--config pilot
     --protocol holdout`` is the earlier protocol (23 tracks, early stopping on the validation
     track, best epoch imputes); ``--protocol refit`` retrains on all 24 tracks for the epochs
     the holdout stage found best.
@@ -49,6 +52,7 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -157,7 +161,16 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         grid = SHRINKAGE_GRID if args.config == "cosine" else []
     table: dict = {}
     for path in args.selection or []:
-        table.update(json.loads(Path(path).read_text())["table"])
+        sel = json.loads(Path(path).read_text())
+        if args.select_bins not in (None, sel["select_bins"]):
+            sys.exit(
+                f"bench_avocado loo: {path} was computed on {sel['select_bins']:,} bins, not "
+                f"--select-bins {args.select_bins:,}; pass tables of one size and its value."
+            )
+        args.select_bins = sel["select_bins"]
+        table.update(sel["table"])
+    if args.select_bins is None:
+        args.select_bins = 200_000
     for cell in args.cells:
         test = (cell, "H3K4me3")
         train = [k for k in tracks if k != test]
@@ -172,7 +185,9 @@ def cmd_loo(args: argparse.Namespace) -> dict:
             missing = [
                 (test, v) for v in vals if any(_pair_key(test, v, g) not in table for g in grid)
             ]
-            table.update(_pair_scores(args, tracks, grid, base_kw, loop_kw, missing))
+            table.update(
+                _pair_scores(args, tracks, grid, base_kw, loop_kw, missing, args.seeds[0])
+            )
             # the test track's own scores in the table are never used for its choice
             selection = {
                 g: round(float(np.mean([table[_pair_key(test, v, g)][_name(v)] for v in vals])), 5)
@@ -187,12 +202,18 @@ def cmd_loo(args: argparse.Namespace) -> dict:
                 + ", ".join(f"{g}: {m:.4f}" for g, m in selection.items()),
                 flush=True,
             )
+        retrain_kw = loop_kw
         if args.protocol == "fixed":  # all 24 tracks for the loop's epochs, no validation
             data1 = _data(tracks, vocab, train)
+            if args.retrain_batch == "matched":
+                # as many steps per epoch as the selection models took on their subset
+                n = len(next(iter(tracks.values())))
+                batch = round(loop_kw["batch_size"] * n / min(n, args.select_bins))
+                retrain_kw = {**loop_kw, "batch_size": batch}
         else:  # stage 1: 23 training tracks, one more H3K4me3 track for early stopping
             data1 = _data(tracks, vocab, [k for k in train if k != val], [val])
-        torch.manual_seed(args.seed)
-        model = Avocado.build(AvocadoParams(**model_kw), vocab, data1)
+        data = _data(tracks, vocab, train)
+        bi, ai = vocab.biosample_index(cell), vocab.assay_index("H3K4me3")
 
         def progress(state, m, cell=cell):
             val_mse = "-" if m["val_mse"] is None else f"{m['val_mse']:.4f}"
@@ -202,20 +223,51 @@ def cmd_loo(args: argparse.Namespace) -> dict:
                 flush=True,
             )
 
-        st = fit(model, data1, LoopParams(**loop_kw, seed=args.seed), callback=progress)
-        best = st.best_epoch if st.best_epoch else st.epoch
-        data = _data(tracks, vocab, train)
-        if args.protocol == "refit":
-            # stage 2: all 24 tracks, as many epochs as stage 1 found best, no validation
-            torch.manual_seed(args.seed)
-            model = Avocado.build(AvocadoParams(**model_kw), vocab, data)
-            fit(model, data, LoopParams(**{**loop_kw, "epochs": best}, seed=args.seed))
-        bi, ai = vocab.biosample_index(cell), vocab.assay_index("H3K4me3")
-        fitted = data if args.protocol == "refit" else data1
-        pred = model.predict(fitted, bi, ai).numpy()
-        aa = AverageActivity.fit(data, vocab).predict(data, bi, ai).numpy()
+        def train_one(
+            seed, data1=data1, data=data, bi=bi, ai=ai, model_kw=model_kw, kw=retrain_kw
+        ):
+            torch.manual_seed(seed)
+            model = Avocado.build(AvocadoParams(**model_kw), vocab, data1)
+            st = fit(model, data1, LoopParams(**kw, seed=seed), callback=progress)
+            best = st.best_epoch if st.best_epoch else st.epoch
+            fitted = data1
+            if args.protocol == "refit":
+                # stage 2: all 24 tracks, as many epochs as stage 1 found best, no validation
+                torch.manual_seed(seed)
+                model = Avocado.build(AvocadoParams(**model_kw), vocab, data)
+                fit(model, data, LoopParams(**{**loop_kw, "epochs": best}, seed=seed))
+                fitted = data
+            return model, st, best, fitted, model.predict(fitted, bi, ai).numpy()
+
+        # one retrain per seed (their predictions averaged); with --pred-dir each seed's
+        # prediction is kept under a name that hashes every setting, and reused
+        setting = json.dumps(
+            [args.protocol, len(tracks[test]), model_kw, retrain_kw, loop_kw], sort_keys=True
+        )
+        tag = hashlib.sha1(setting.encode()).hexdigest()[:12]
+        preds, seed_mse, st, best, model = [], {}, None, None, None
         truth = tracks[test]
-        if args.diagnose:
+        for seed in args.seeds:
+            cache = (
+                Path(args.pred_dir) / f"{cell}.H3K4me3.{tag}.seed{seed}.npy"
+                if args.pred_dir
+                else None
+            )
+            if cache is not None and cache.is_file():
+                p = np.load(cache)
+            else:
+                model, st, best, fitted, p = train_one(seed)
+                if cache is not None:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cache.with_suffix(".tmp.npy")
+                    np.save(tmp, p)
+                    os.replace(tmp, cache)
+            preds.append(p)
+            seed_mse[seed] = round(float(np.mean((p - truth) ** 2)), 5)
+            print(f"  {cell} seed {seed}: MSE {seed_mse[seed]:.4f}", flush=True)
+        pred = np.mean(preds, axis=0)
+        aa = AverageActivity.fit(data, vocab).predict(data, bi, ai).numpy()
+        if args.diagnose and model is not None:
             diag = _diagnose(model, fitted, vocab, cell, truth)
         row = {
             "track": f"{cell}.H3K4me3",
@@ -226,8 +278,12 @@ def cmd_loo(args: argparse.Namespace) -> dict:
             "original_mse": ORIGINAL[cell],
             "val_track": None if args.protocol == "fixed" else f"{val_cell}.H3K4me3",
             "best_epoch": best,
-            "val_curve": [round(h["val_mse"], 4) for h in st.history if h["val_mse"] is not None],
-            "val_last": st.history[-1]["val_mse"],
+            "batch_size": retrain_kw["batch_size"],
+            "seeds": seed_mse,
+            "val_curve": None
+            if st is None
+            else [round(h["val_mse"], 4) for h in st.history if h["val_mse"] is not None],
+            "val_last": None if st is None else st.history[-1]["val_mse"],
             "wall_s": round(time.perf_counter() - t0, 1),
             "cpu_s": round(time.process_time() - c0, 1),
         }
@@ -236,7 +292,7 @@ def cmd_loo(args: argparse.Namespace) -> dict:
             row["selection_val_tracks"] = [_name(v) for v in vals]
             row["selection_rule"] = args.select_rule
             row["biosample_shrinkage"] = model_kw["biosample_shrinkage"]
-        if args.diagnose:
+        if args.diagnose and model is not None:
             row["diagnosis"] = diag
             print(
                 f"  {cell} diagnosis: the model's own average over the other cell types' factors "
@@ -310,7 +366,7 @@ def _pair_key(u: Track, v: Track, lam: float) -> str:
     return f"{a}|{b}|{float(lam)}"
 
 
-def _pair_scores(args, all_tracks, grid, model_kw, loop_kw, pairs) -> dict:
+def _pair_scores(args, all_tracks, grid, model_kw, loop_kw, pairs, seed) -> dict:
     """The selection table: for each pair of tracks and each shrinkage weight, a model trained
     on the other 23 tracks' first ``--select-bins`` bins for the loop's epochs (last epoch
     kept) and its MSE on each of the two: ``{"E003.H3K4me3|E017.H3K4me3|10.0": {"E003.H3K4me3":
@@ -318,12 +374,12 @@ def _pair_scores(args, all_tracks, grid, model_kw, loop_kw, pairs) -> dict:
     validation score when the other is the test track."""
     tracks = {k: v[: args.select_bins] for k, v in all_tracks.items()}
     vocab = _vocab(len(next(iter(tracks.values()))))
-    loop = LoopParams(**{**loop_kw, "patience": None, "restore_best": False}, seed=args.seed)
+    loop = LoopParams(**{**loop_kw, "patience": None, "restore_best": False}, seed=seed)
     out = {}
     for u, v in pairs:
         data = _data(tracks, vocab, [k for k in tracks if k not in (u, v)], [u, v])
         for lam in grid:
-            torch.manual_seed(args.seed)
+            torch.manual_seed(seed)
             arch = AvocadoParams(**{**model_kw, "biosample_shrinkage": lam})
             model = Avocado.build(arch, vocab, data)
             st = fit(model, data, loop)
@@ -392,7 +448,9 @@ def cmd_select(args: argparse.Namespace) -> dict:
     for u, v in _pairs(args.rule)[i::n]:
         if all(_pair_key(u, v, g) in out["table"] for g in args.grid):
             continue
-        out["table"].update(_pair_scores(args, tracks, args.grid, base_model, loop_kw, [(u, v)]))
+        out["table"].update(
+            _pair_scores(args, tracks, args.grid, base_model, loop_kw, [(u, v)], args.seed)
+        )
         out |= {
             "wall_s": round(time.perf_counter() - t0, 1),
             "cpu_s": round(time.process_time() - c0, 1),
@@ -664,7 +722,12 @@ def main() -> None:
         "track's MSE on the first --select-bins bins, then train with it (one value: use it; "
         f"default {SHRINKAGE_GRID} with --config cosine)",
     )
-    p.add_argument("--select-bins", type=int, default=200_000)
+    p.add_argument(
+        "--select-bins",
+        type=int,
+        default=None,
+        help="bins of the selection models (default: the --selection tables', else 200,000)",
+    )
     p.add_argument(
         "--select-rule",
         choices=SELECT_RULES,
@@ -680,10 +743,29 @@ def main() -> None:
         help="selection tables written by the select subcommand (pairs missing from them "
         "are trained here)",
     )
+    p.add_argument(
+        "--retrain-batch",
+        choices=["matched", "config"],
+        default="matched",
+        help="--protocol fixed: batches of the 24-track retrain scaled by bins / --select-bins, "
+        "so it takes as many optimiser steps per epoch as the selection models did (matched), "
+        "or the config's batch size (config; sessions 4 and 5)",
+    )
     p.add_argument("--model", default="{}", help="JSON overrides of AvocadoParams")
     p.add_argument("--loop", default="{}", help="JSON overrides of LoopParams")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="one model per seed, their imputations averaged (selection models use the first)",
+    )
+    p.add_argument(
+        "--pred-dir",
+        default=None,
+        help="keep each seed's imputation here and reuse it (processes can share the seeds)",
+    )
     p.add_argument(
         "--diagnose",
         action="store_true",
