@@ -8,21 +8,24 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     impute it, report MSE and Pearson beside average activity (mean of the other 4 cell types'
     H3K4me3). Nothing ever looks at the test track. Default (``--config cosine --protocol
     fixed``): ``biosample_shrinkage`` is chosen per test track among ``--select-shrinkage``
-    weights by nested leave-one-out: for each other cell type's H3K4me3, a model trained on the
-    first 200,000 bins of the 23 tracks left without it and the test track, scored on it; the
-    weight with the lowest mean score wins (``--select-rule next``: only the next cell type's
-    track, session 4). Then a model trains on all 24 tracks for 30 epochs with a cosine
-    learning-rate decay and its last epoch imputes; its batches are the config's scaled by
-    bins / ``--select-bins``, so it takes as many optimiser steps per epoch as the models that
-    chose its weight (``--retrain-batch config``: the config's batches, sessions 4 and 5).
+    weights on the same cell type's other four assays: for each, a model trained on the first
+    100,000 bins of the 23 tracks left without it and the test track, scored on it; the weight
+    with the lowest mean score wins (``--select-rule nested``: the other four cell types'
+    H3K4me3 on 200,000 bins, session 5; ``next``: only the next cell type's, session 4). Then
+    a model per seed (``--seeds``, default 0 and 1) trains on all 24 tracks for 30 epochs with
+    a cosine learning-rate decay, and the seeds' last-epoch imputations are averaged. The
+    retrain's batches are the config's scaled by bins / ``--select-bins``, so it takes as many
+    optimiser steps per epoch as the models that chose its weight (``--retrain-batch config``:
+    the config's batches, sessions 4 and 5). ``--pred-dir`` keeps each seed's imputation, so
+    processes can split the seeds and a last run with all of them only reads.
     ``--config pilot
     --protocol holdout`` is the earlier protocol (23 tracks, early stopping on the validation
     track, best epoch imputes); ``--protocol refit`` retrains on all 24 tracks for the epochs
     the holdout stage found best.
 ``select``
-    The selection table of a rule (``--rule nested``: 10 pairs of H3K4me3 tracks; ``same-cell``:
-    20 pairs of a held-out H3K4me3 and another assay of its cell type; × the shrinkage grid, a
-    model each), in shards for parallel processes; ``loo --selection`` reads it.
+    The selection table of a rule (``--rule same-cell``: 20 pairs of a held-out H3K4me3 and
+    another assay of its cell type; ``nested``: 10 pairs of H3K4me3 tracks; × the shrinkage
+    grid, a model each), in shards for parallel processes; ``loo --selection`` reads it.
 ``throughput``
     Training samples/s at the paper's hyperparameters (2 × 2,048, factors 32/256/25+40+45,
     batch 40,000), pilot data, through ``epiray.loop.fit``. Wall-clock and per-CPU-second
@@ -40,10 +43,11 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     the estimate per worker for the whole compendium's chr1 by number of workers.
 
     .venv/bin/python benchmarks/bench_avocado.py loo
-    .venv/bin/python benchmarks/bench_avocado.py select --shard 0/2 --out sel0.json  # and 1/2
-    .venv/bin/python benchmarks/bench_avocado.py loo --selection sel0.json sel1.json
+    .venv/bin/python benchmarks/bench_avocado.py select --shard 0/2 --out same0.json  # and 1/2
+    .venv/bin/python benchmarks/bench_avocado.py loo --selection same0.json same1.json \
+        --seeds 0 --pred-dir preds  # and --seeds 1, then both: only reads
     .venv/bin/python benchmarks/bench_avocado.py loo --cells E065 --epochs 4 --select-shrinkage 0
-    .venv/bin/python benchmarks/bench_avocado.py loo --config pilot --protocol holdout --diagnose
+    .venv/bin/python benchmarks/bench_avocado.py loo --config pilot --protocol holdout --seeds 0
     .venv/bin/python benchmarks/bench_avocado.py throughput --steps 3
     .venv/bin/python benchmarks/bench_avocado.py scale
     .venv/bin/python benchmarks/bench_avocado.py memory
@@ -95,7 +99,9 @@ COSINE_LOOP = {
 }
 SHRINKAGE_GRID = [0.0, 0.1, 1.0, 10.0]
 #: Validation rules for the shrinkage weight (``_val_tracks``).
-SELECT_RULES = ["nested", "same-cell", "next"]
+SELECT_RULES = ["same-cell", "nested", "next"]
+#: Bins of a rule's selection models unless ``--select-bins`` says otherwise.
+SELECT_BINS = {"same-cell": 100_000, "nested": 200_000, "next": 200_000}
 CONFIGS = {"pilot": (PILOT_MODEL, PILOT_LOOP), "cosine": (COSINE_MODEL, COSINE_LOOP)}
 
 
@@ -170,7 +176,7 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         args.select_bins = sel["select_bins"]
         table.update(sel["table"])
     if args.select_bins is None:
-        args.select_bins = 200_000
+        args.select_bins = SELECT_BINS[args.select_rule]
     for cell in args.cells:
         test = (cell, "H3K4me3")
         train = [k for k in tracks if k != test]
@@ -423,6 +429,8 @@ def cmd_select(args: argparse.Namespace) -> dict:
     the table is rewritten (atomically) after every pair, and pairs already in it are skipped,
     so a killed shard resumes and ``loo`` can read the rows finished so far."""
     i, n = (int(x) for x in args.shard.split("/"))
+    if args.select_bins is None:
+        args.select_bins = SELECT_BINS[args.rule]
     base_model, base_loop = CONFIGS[args.config]
     loop_kw = dict(base_loop)
     if args.epochs:
@@ -726,15 +734,16 @@ def main() -> None:
         "--select-bins",
         type=int,
         default=None,
-        help="bins of the selection models (default: the --selection tables', else 200,000)",
+        help="bins of the selection models (default: the --selection tables', else the "
+        f"rule's: {SELECT_BINS})",
     )
     p.add_argument(
         "--select-rule",
         choices=SELECT_RULES,
-        default="nested",
-        help="validation tracks for the choice, their MSEs averaged: every other cell type's "
-        "H3K4me3 (nested), the held-out cell type's other four assays (same-cell), or only the "
-        "next cell type's H3K4me3 (next, session 4)",
+        default="same-cell",
+        help="validation tracks for the choice, their MSEs averaged: the held-out cell type's "
+        "other four assays (same-cell), every other cell type's H3K4me3 (nested, session 5), "
+        "or only the next cell type's H3K4me3 (next, session 4)",
     )
     p.add_argument(
         "--selection",
@@ -758,7 +767,7 @@ def main() -> None:
         "--seeds",
         nargs="+",
         type=int,
-        default=[0],
+        default=[0, 1],
         help="one model per seed, their imputations averaged (selection models use the first)",
     )
     p.add_argument(
@@ -773,9 +782,9 @@ def main() -> None:
     )
     p = sub.add_parser("select", help="the shrinkage selection table for loo, in shards")
     p.add_argument("--shard", default="0/1", help="i/n: every n-th pair from the i-th")
-    p.add_argument("--rule", choices=SELECT_RULES, default="nested")
+    p.add_argument("--rule", choices=SELECT_RULES, default="same-cell")
     p.add_argument("--grid", nargs="+", type=float, default=SHRINKAGE_GRID)
-    p.add_argument("--select-bins", type=int, default=200_000)
+    p.add_argument("--select-bins", type=int, default=None, help=f"default {SELECT_BINS}")
     p.add_argument("--config", choices=sorted(CONFIGS), default="cosine")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
