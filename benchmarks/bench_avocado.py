@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
@@ -70,7 +71,7 @@ from epiray.loop import LoopParams, RowAdam, fit
 from epiray.models import ChromData, Vocabulary, chrom_data_from_numpy
 from epiray.models.avocado import Avocado, AvocadoParams
 from epiray.models.baselines import AverageActivity
-from epiray.store import atomic_write_text
+from epiray.store import atomic_write_bytes, atomic_write_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/roadmap-pilot"
 CELLS = ["E003", "E017", "E065", "E116", "E117"]
@@ -218,7 +219,8 @@ def cmd_loo(args: argparse.Namespace) -> dict:
                 retrain_kw = {**loop_kw, "batch_size": batch}
         else:  # stage 1: 23 training tracks, one more H3K4me3 track for early stopping
             data1 = _data(tracks, vocab, [k for k in train if k != val], [val])
-        data = _data(tracks, vocab, train)
+        # the 24 training tracks (the fixed protocol trains on exactly these)
+        data = data1 if args.protocol == "fixed" else _data(tracks, vocab, train)
         bi, ai = vocab.biosample_index(cell), vocab.assay_index("H3K4me3")
 
         def progress(state, m, cell=cell):
@@ -260,14 +262,13 @@ def cmd_loo(args: argparse.Namespace) -> dict:
                 else None
             )
             if cache is not None and cache.is_file():
-                p = np.load(cache)
+                p = np.load(cache, allow_pickle=False)
             else:
                 model, st, best, fitted, p = train_one(seed)
                 if cache is not None:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_suffix(".tmp.npy")
-                    np.save(tmp, p)
-                    os.replace(tmp, cache)
+                    buf = io.BytesIO()
+                    np.save(buf, p, allow_pickle=False)
+                    atomic_write_bytes(cache, buf.getvalue())
             preds.append(p)
             seed_mse[seed] = round(float(np.mean((p - truth) ** 2)), 5)
             print(f"  {cell} seed {seed}: MSE {seed_mse[seed]:.4f}", flush=True)
