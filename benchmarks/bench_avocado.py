@@ -4,28 +4,29 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
 
 ``loo``
     The Roadmap pilot (``shared/data/roadmap-pilot``: 25 tracks, 5 cell types × 5 histone
-    marks, 1,126,469 bins, already arcsinh). For each H3K4me3 track: train on the other 24,
-    impute it, report MSE and Pearson beside average activity (mean of the other 4 cell types'
-    H3K4me3). Nothing ever looks at the test track. Default (``--config cosine --protocol
-    fixed``): ``biosample_shrinkage`` is chosen per test track among ``--select-shrinkage``
-    weights on the same cell type's other four assays: for each, a model trained on the first
-    100,000 bins of the 23 tracks left without it and the test track, scored on it; the weight
-    with the lowest mean score wins (``--select-rule nested``: the other four cell types'
-    H3K4me3 on 200,000 bins, session 5; ``next``: only the next cell type's, session 4). Then
-    a model per seed (``--seeds``, default 0 and 1) trains on all 24 tracks for 30 epochs with
-    a cosine learning-rate decay, and the seeds' last-epoch imputations are averaged. The
-    retrain's batches are the config's scaled by bins / ``--select-bins``, so it takes as many
-    optimiser steps per epoch as the models that chose its weight (``--retrain-batch config``:
-    the config's batches, sessions 4 and 5). ``--pred-dir`` keeps each seed's imputation, so
-    processes can split the seeds and a last run with all of them only reads.
-    ``--config pilot
-    --protocol holdout`` is the earlier protocol (23 tracks, early stopping on the validation
-    track, best epoch imputes); ``--protocol refit`` retrains on all 24 tracks for the epochs
-    the holdout stage found best.
+    marks, 1,126,469 bins, already arcsinh). For each track of ``--assay`` (default H3K4me3):
+    train on the other 24, impute it, report MSE and Pearson beside average activity (mean of
+    the other 4 cell types' tracks of the assay). Nothing ever looks at the test track.
+    Default (``--config cosine --protocol fixed``): ``biosample_shrinkage`` is chosen per test
+    track among ``--select-shrinkage`` weights on the same cell type's other four assays: for
+    each, a model trained on the first 100,000 bins of the 23 tracks left without it and the
+    test track, scored on it; the weight with the lowest mean score wins (``--select-rule
+    nested``: the other four cell types' tracks of the assay on 200,000 bins, session 5;
+    ``next``: only the next cell type's, session 4). Then a model per seed (``--seeds``,
+    default 0 and 1) trains on all 24 tracks for 30 epochs with a cosine learning-rate decay,
+    and the seeds' last-epoch imputations are averaged. The retrain's batches are the config's
+    scaled by bins / ``--select-bins``, so it takes as many optimiser steps per epoch as the
+    models that chose its weight (``--retrain-batch config``: the config's batches, sessions 4
+    and 5). ``--pred-dir`` keeps each seed's imputation, so processes can split the seeds and a
+    last run with all of them only reads. ``--config pilot --protocol holdout`` is the earlier
+    protocol (23 tracks, early stopping on the validation track, best epoch imputes);
+    ``--protocol refit`` retrains on all 24 tracks for the epochs the holdout stage found best.
 ``select``
-    The selection table of a rule (``--rule same-cell``: 20 pairs of a held-out H3K4me3 and
-    another assay of its cell type; ``nested``: 10 pairs of H3K4me3 tracks; × the shrinkage
-    grid, a model each), in shards for parallel processes; ``loo --selection`` reads it.
+    The selection table of a rule for ``--assay`` (``--rule same-cell``: 20 pairs of a
+    held-out track of the assay and another assay of its cell type; ``nested``: 10 pairs of
+    the assay's tracks; × the shrinkage grid, a model each), in shards for parallel processes;
+    ``loo --selection`` reads it. ``--reuse`` skips pairs another table already scored (a
+    same-cell pair of H3K4me3 and H3K27me3 serves both assays' selections).
 ``throughput``
     Training samples/s at the paper's hyperparameters (2 × 2,048, factors 32/256/25+40+45,
     batch 40,000), pilot data, through ``epiray.loop.fit``. Wall-clock and per-CPU-second
@@ -88,7 +89,7 @@ ORIGINAL = {"E003": 0.208, "E017": 0.333, "E065": 0.134, "E116": 0.095, "E117": 
 PILOT_MODEL = {"n_nodes": 256}
 PILOT_LOOP = {"batch_size": 10_000, "lr": 3e-3, "sparse_lr": 3e-3, "epochs": 20, "patience": 4}
 #: The pilot network with a cosine learning-rate decay over a fixed 30 epochs, the last epoch's
-#: model kept (no early-stopping track: every H3K4me3 track but the test one trains), and
+#: model kept (no early-stopping track: every track but the test one trains), and
 #: ``biosample_shrinkage`` chosen per held-out track (``--select-shrinkage``).
 COSINE_MODEL = PILOT_MODEL
 COSINE_LOOP = {
@@ -178,17 +179,18 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         table.update(sel["table"])
     if args.select_bins is None:
         args.select_bins = SELECT_BINS[args.select_rule]
+    assay = args.assay
     for cell in args.cells:
-        test = (cell, "H3K4me3")
+        test = (cell, assay)
         train = [k for k in tracks if k != test]
         val_cell = CELLS[(CELLS.index(cell) + 1) % len(CELLS)]
-        val = (val_cell, "H3K4me3")
+        val = (val_cell, assay)
         t0, c0 = time.perf_counter(), time.process_time()
         selection, model_kw = None, base_kw
         if len(grid) == 1:
             model_kw = {**base_kw, "biosample_shrinkage": grid[0]}
         elif grid:
-            vals = _val_tracks(cell, args.select_rule)
+            vals = _val_tracks(test, args.select_rule)
             missing = [
                 (test, v) for v in vals if any(_pair_key(test, v, g) not in table for g in grid)
             ]
@@ -217,11 +219,11 @@ def cmd_loo(args: argparse.Namespace) -> dict:
                 n = len(next(iter(tracks.values())))
                 batch = round(loop_kw["batch_size"] * n / min(n, args.select_bins))
                 retrain_kw = {**loop_kw, "batch_size": batch}
-        else:  # stage 1: 23 training tracks, one more H3K4me3 track for early stopping
+        else:  # stage 1: 23 training tracks, the next cell type's for early stopping
             data1 = _data(tracks, vocab, [k for k in train if k != val], [val])
         # the 24 training tracks (the fixed protocol trains on exactly these)
         data = data1 if args.protocol == "fixed" else _data(tracks, vocab, train)
-        bi, ai = vocab.biosample_index(cell), vocab.assay_index("H3K4me3")
+        bi, ai = vocab.biosample_index(cell), vocab.assay_index(assay)
 
         def progress(state, m, cell=cell):
             val_mse = "-" if m["val_mse"] is None else f"{m['val_mse']:.4f}"
@@ -257,7 +259,7 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         truth = tracks[test]
         for seed in args.seeds:
             cache = (
-                Path(args.pred_dir) / f"{cell}.H3K4me3.{tag}.seed{seed}.npy"
+                Path(args.pred_dir) / f"{cell}.{assay}.{tag}.seed{seed}.npy"
                 if args.pred_dir
                 else None
             )
@@ -275,15 +277,15 @@ def cmd_loo(args: argparse.Namespace) -> dict:
         pred = np.mean(preds, axis=0)
         aa = AverageActivity.fit(data, vocab).predict(data, bi, ai).numpy()
         if args.diagnose and model is not None:
-            diag = _diagnose(model, fitted, vocab, cell, truth)
+            diag = _diagnose(model, fitted, vocab, test, truth)
         row = {
-            "track": f"{cell}.H3K4me3",
+            "track": _name(test),
             "mse": float(np.mean((pred - truth) ** 2)),
             "pearson": _pearson(pred, truth),
             "aa_mse": float(np.mean((aa - truth) ** 2)),
             "aa_pearson": _pearson(aa, truth),
-            "original_mse": ORIGINAL[cell],
-            "val_track": None if args.protocol == "fixed" else f"{val_cell}.H3K4me3",
+            "original_mse": ORIGINAL[cell] if assay == "H3K4me3" else None,
+            "val_track": None if args.protocol == "fixed" else _name(val),
             "best_epoch": best,
             "batch_size": retrain_kw["batch_size"],
             "seeds": seed_mse,
@@ -309,9 +311,10 @@ def cmd_loo(args: argparse.Namespace) -> dict:
                 flush=True,
             )
         rows.append(row)
+        orig = "" if row["original_mse"] is None else f", original {row['original_mse']:.3f}"
         print(
-            f"{row['track']}: MSE {row['mse']:.4f} (AA {row['aa_mse']:.4f}, original "
-            f"{row['original_mse']:.3f})  Pearson {row['pearson']:.3f} (AA "
+            f"{row['track']}: MSE {row['mse']:.4f} (AA {row['aa_mse']:.4f}{orig})  "
+            f"Pearson {row['pearson']:.3f} (AA "
             f"{row['aa_pearson']:.3f})  best epoch {best}  {row['wall_s']:.0f} s wall, "
             f"{row['cpu_s']:.0f} CPU-s",
             flush=True,
@@ -326,6 +329,7 @@ def cmd_loo(args: argparse.Namespace) -> dict:
     )
     return {
         "bench": "avocado_loo",
+        "assay": assay,
         "protocol": args.protocol,
         "model": base_kw,
         "loop": loop_kw,
@@ -343,28 +347,29 @@ def _name(track: Track) -> str:
     return f"{track[0]}.{track[1]}"
 
 
-def _val_tracks(cell: str, rule: str) -> list[Track]:
-    """Validation tracks for the held-out ``(cell, H3K4me3)``, each scored by a model trained
-    without it and the test track. ``next``: the next cell type's H3K4me3 (session 4);
-    ``nested``: every other cell type's H3K4me3 (nested leave-one-out over the assay);
+def _val_tracks(test: Track, rule: str) -> list[Track]:
+    """Validation tracks for the held-out ``(cell, assay)``, each scored by a model trained
+    without it and the test track. ``next``: the next cell type's track of the assay (session
+    4); ``nested``: every other cell type's (nested leave-one-out over the assay);
     ``same-cell``: the held-out cell type's other four assays (does this biosample's own
     factor carry to an assay it has not seen?)."""
+    cell, assay = test
     if rule == "next":
-        return [(CELLS[(CELLS.index(cell) + 1) % len(CELLS)], "H3K4me3")]
+        return [(CELLS[(CELLS.index(cell) + 1) % len(CELLS)], assay)]
     if rule == "nested":
-        return [(c, "H3K4me3") for c in CELLS if c != cell]
-    return [(cell, a) for a in ASSAYS if a != "H3K4me3"]
+        return [(c, assay) for c in CELLS if c != cell]
+    return [(cell, a) for a in ASSAYS if a != assay]
 
 
-def _pairs(rule: str) -> list[tuple[Track, Track]]:
-    """Every (test, validation) pair a rule needs over the five held-out tracks, once."""
+def _pairs(rule: str, assay: str) -> list[tuple[Track, Track]]:
+    """Every (test, validation) pair a rule needs over the assay's five held-out tracks, once."""
     seen, out = set(), []
     for cell in CELLS:
-        for v in _val_tracks(cell, rule):
-            key = frozenset([(cell, "H3K4me3"), v])
+        for v in _val_tracks((cell, assay), rule):
+            key = frozenset([(cell, assay), v])
             if key not in seen:
                 seen.add(key)
-                out.append(((cell, "H3K4me3"), v))
+                out.append(((cell, assay), v))
     return out
 
 
@@ -403,15 +408,16 @@ def _pair_scores(args, all_tracks, grid, model_kw, loop_kw, pairs, seed) -> dict
     return out
 
 
-def _diagnose(model: Avocado, data: ChromData, vocab: Vocabulary, cell: str, truth) -> dict:
+def _diagnose(model: Avocado, data: ChromData, vocab: Vocabulary, test: Track, truth) -> dict:
     """Where the held-out track's error comes from (``loo --diagnose``).
 
-    The model imputes H3K4me3 with each *other* cell type's biosample factor: the mean of those
-    four predictions is the model's own average activity (how much H3K4me3 its genome factors
-    and network carry), and each one scored against the held-out track shows which cell type's
-    factor would have served it.
+    The model imputes the test assay with each *other* cell type's biosample factor: the mean
+    of those four predictions is the model's own average activity (how much of the assay its
+    genome factors and network carry), and each one scored against the held-out track shows
+    which cell type's factor would have served it.
     """
-    ai = vocab.assay_index("H3K4me3")
+    cell, assay = test
+    ai = vocab.assay_index(assay)
     others = [c for c in CELLS if c != cell]
     preds = {c: model.predict(data, vocab.biosample_index(c), ai).numpy() for c in others}
     mean = np.mean([preds[c] for c in others], axis=0)
@@ -440,6 +446,7 @@ def cmd_select(args: argparse.Namespace) -> dict:
     out = {
         "bench": "avocado_select",
         "shard": args.shard,
+        "assay": args.assay,
         "rule": args.rule,
         "select_bins": args.select_bins,
         "grid": args.grid,
@@ -453,8 +460,25 @@ def cmd_select(args: argparse.Namespace) -> dict:
         }:
             sys.exit(f"bench_avocado select: {args.out} holds another selection; remove it.")
         out["table"] = prev["table"]
+    reused: dict = {}
+    for path in args.reuse or []:
+        other = json.loads(Path(path).read_text())
+        if {k: other.get(k) for k in ("rule", "select_bins", "loop")} != {
+            k: out[k] for k in ("rule", "select_bins", "loop")
+        }:
+            sys.exit(
+                f"bench_avocado select: --reuse {path} was computed with another rule, "
+                "selection bins or loop; its models are not this table's."
+            )
+        reused.update(other["table"])
+    # pairs another table scored for every weight are left to it (loo reads both tables)
+    todo = [
+        (u, v)
+        for u, v in _pairs(args.rule, args.assay)
+        if not all(_pair_key(u, v, g) in reused for g in args.grid)
+    ]
     tracks = _load()
-    for u, v in _pairs(args.rule)[i::n]:
+    for u, v in todo[i::n]:
         if all(_pair_key(u, v, g) in out["table"] for g in args.grid):
             continue
         out["table"].update(
@@ -717,7 +741,8 @@ def cmd_memory(args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("loo", help="leave-one-out H3K4me3 imputation on the Roadmap pilot")
+    p = sub.add_parser("loo", help="leave-one-out imputation of an assay on the Roadmap pilot")
+    p.add_argument("--assay", choices=ASSAYS, default="H3K4me3", help="the held-out assay")
     p.add_argument("--cells", nargs="+", default=CELLS, choices=CELLS)
     p.add_argument("--config", choices=sorted(CONFIGS), default="cosine")
     p.add_argument("--protocol", choices=["fixed", "refit", "holdout"], default="fixed")
@@ -743,8 +768,8 @@ def main() -> None:
         choices=SELECT_RULES,
         default="same-cell",
         help="validation tracks for the choice, their MSEs averaged: the held-out cell type's "
-        "other four assays (same-cell), every other cell type's H3K4me3 (nested, session 5), "
-        "or only the next cell type's H3K4me3 (next, session 4)",
+        "other four assays (same-cell), every other cell type's track of the assay (nested, "
+        "session 5), or only the next cell type's (next, session 4)",
     )
     p.add_argument(
         "--selection",
@@ -783,6 +808,7 @@ def main() -> None:
     )
     p = sub.add_parser("select", help="the shrinkage selection table for loo, in shards")
     p.add_argument("--shard", default="0/1", help="i/n: every n-th pair from the i-th")
+    p.add_argument("--assay", choices=ASSAYS, default="H3K4me3", help="the held-out assay")
     p.add_argument("--rule", choices=SELECT_RULES, default="same-cell")
     p.add_argument("--grid", nargs="+", type=float, default=SHRINKAGE_GRID)
     p.add_argument("--select-bins", type=int, default=None, help=f"default {SELECT_BINS}")
@@ -790,6 +816,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table here (atomically)")
+    p.add_argument(
+        "--reuse",
+        nargs="+",
+        default=None,
+        help="selection tables (same rule, bins and loop) whose pairs are not trained again",
+    )
     p = sub.add_parser("throughput", help="samples/s at paper sizes on the pilot")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=40_000)
