@@ -126,7 +126,9 @@ class TrainState:
     best_val, best_epoch
         Best validation MSE so far and its epoch.
     best_state
-        Model ``state_dict`` at ``best_epoch`` (when ``restore_best``), else None.
+        Model ``state_dict`` at ``best_epoch`` (when ``restore_best``), else None. Kept in
+        host memory: on a GPU a second copy of the genome factors would not fit the budget
+        that ``memory_estimate`` checks.
     bad_epochs
         Epochs since the last improvement.
     stopped
@@ -146,14 +148,17 @@ class TrainState:
     bad_epochs: int = 0
     stopped: bool = False
 
-    def for_new_phase(self) -> TrainState:
+    def for_new_phase(self, keep_sparse: bool = True) -> TrainState:
         """A fresh state that keeps only the optimiser moments (transfer phases).
 
         Pass it as ``start_state`` when continuing with other data or other trainable parts
-        (a new chromosome, new biosamples): epochs, history and best state restart, while
-        parameters trained before resume with their Adam moments.
+        (new biosamples or assays): epochs, history and best state restart, while parameters
+        trained before resume with their Adam moments. For another chromosome or slab pass
+        ``keep_sparse=False``: its genome factors are new rows, so their moments start at
+        zero (the dense moments are still carried for later phases).
         """
-        return TrainState(dense_opt=dict(self.dense_opt), sparse_opt=dict(self.sparse_opt))
+        sparse = dict(self.sparse_opt) if keep_sparse else {}
+        return TrainState(dense_opt=dict(self.dense_opt), sparse_opt=sparse)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for ``torch.save``."""
@@ -245,6 +250,11 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def _autocast(params: LoopParams, device: torch.device) -> contextlib.AbstractContextManager:
     if params.autocast == "off" or (params.autocast == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
@@ -270,6 +280,15 @@ def _load_opt_state(
         p = by_name.get(name)
         if p is None or id(p) not in in_opt:
             continue  # a parameter frozen now keeps its state in TrainState, not in opt
+        for k, v in st.items():
+            if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+                raise EpirayError(
+                    f"optimiser state {k!r} of parameter {name!r} has shape {tuple(v.shape)} "
+                    f"but the parameter has {tuple(p.shape)}: the state was saved for another "
+                    "slab (chromosome or bins). Start a model for another chromosome with "
+                    "state.for_new_phase(keep_sparse=False), or resume on the slab and "
+                    "vocabulary the checkpoint was written for."
+                )
         # Adam keeps its step count on the CPU unless fused (then on the parameter's device).
         opt.state[p] = {
             k: (v.to(p.device) if isinstance(v, Tensor) and (v.dim() > 0 or fused) else v)
@@ -425,12 +444,29 @@ def fit(
         if sparse_opt is not None:
             _load_opt_state(sparse_opt, start_state.sparse_opt, model)
         if start_state.generator is not None:
-            gen.set_state(start_state.generator)
+            if start_state.generator.numel() == gen.get_state().numel():
+                gen.set_state(start_state.generator)
+            else:  # saved on another kind of device (a GPU run resumed on CPU, or back)
+                gen.manual_seed(params.seed + 7919 * rank + 104_729 * state.epoch)
+                log.warning(
+                    "resuming at epoch %d on %s: the batch generator's saved state is from "
+                    "another kind of device, so batches are drawn from a generator reseeded "
+                    "from the seed and epoch; the run is reproducible from here, not "
+                    "identical to an uninterrupted one",
+                    state.epoch,
+                    dev.type,
+                )
         if start_state.torch_rng is not None:
             torch.set_rng_state(start_state.torch_rng)
         if start_state.cuda_rng is not None and dev.type == "cuda":
             torch.cuda.set_rng_state(start_state.cuda_rng, dev)
 
+    if params.compile and sparse and _torch_version() < (2, 8):
+        raise EpirayError(
+            f"loop.compile: torch {torch.__version__} cannot compile a model with sparse "
+            "embedding gradients (pytorch issue 150656, fixed in torch 2.8). Upgrade torch "
+            "or set loop.compile: false."
+        )
     loss_fn = torch.compile(model.loss) if params.compile else model.loss
     amp = _autocast(params, dev)
 
@@ -463,8 +499,8 @@ def fit(
             if val["val_mse"] < state.best_val - params.min_delta:
                 state.best_val, state.best_epoch, state.bad_epochs = val["val_mse"], state.epoch, 0
                 if params.restore_best:
-                    state.best_state = {
-                        k: v.detach().clone() for k, v in model.state_dict().items()
+                    state.best_state = {  # a host copy (a clone on CPU)
+                        k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
                     }
             else:
                 state.bad_epochs += 1
@@ -691,7 +727,5 @@ def load_checkpoint(
     prm = cls.Params.model_validate(payload["params"])
     model = cls.from_state(prm, vocab, data, payload["state_dict"])
     model.to(data.device)
-    state = TrainState.from_dict(payload["loop"])
-    if state.best_state is not None:
-        state.best_state = {k: v.to(data.device) for k, v in state.best_state.items()}
+    state = TrainState.from_dict(payload["loop"])  # best_state stays in host memory
     return model, state

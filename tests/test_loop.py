@@ -144,6 +144,63 @@ def test_early_stopping_restores_the_best_epoch():
         assert torch.equal(v, state.best_state[k]), k
 
 
+def test_best_state_is_a_host_copy():
+    _, vocab, data = problem(n=600)
+    torch.manual_seed(0)
+    model = Avocado.build(TINY, vocab, data)
+    state = fit(model, data, LoopParams(epochs=3, batch_size=200, patience=None))
+    assert state.best_epoch >= 1
+    for k, v in model.state_dict().items():
+        b = state.best_state[k]
+        # on the host and its own storage: training on never writes through to it
+        assert b.device.type == "cpu" and b.data_ptr() != v.data_ptr(), k
+
+
+def test_resume_with_another_device_kinds_generator_reseeds(caplog):
+    """A checkpoint's batch-generator state from a GPU run (16 bytes) cannot seed a CPU
+    generator: the run resumes from a generator reseeded from seed and epoch, says so, and is
+    reproducible."""
+    _, vocab, data = problem(n=600)
+    params = LoopParams(epochs=3, batch_size=200, patience=None, restore_best=False)
+    ends = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Avocado.build(TINY, vocab, data)
+        state = fit(model, data, params.model_copy(update={"epochs": 1}))
+        state.generator = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state
+        with caplog.at_level("WARNING", logger="epiray.loop"):
+            state = fit(model, data, params, start_state=state)
+        assert state.epoch == 3
+        ends.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert "another kind of device" in caplog.text
+    for k, v in ends[0].items():
+        assert torch.equal(v, ends[1][k]), k
+
+
+def test_compile_needs_a_torch_that_compiles_sparse_embeddings(monkeypatch):
+    import epiray.loop as loop
+
+    _, vocab, data = problem(n=600)
+    model = Avocado.build(TINY, vocab, data)
+    monkeypatch.setattr(loop, "_torch_version", lambda: (2, 7))
+    with pytest.raises(EpirayError, match=r"issue 150656.*loop.compile: false"):
+        fit(model, data, LoopParams(epochs=1, batch_size=200, compile=True))
+
+
+@pytest.mark.slow
+def test_compiled_loss_trains_like_eager():
+    """``compile: true`` on CPU (inductor; about 35 s of compilation)."""
+    _, vocab, data = problem(n=600)
+    params = LoopParams(epochs=2, batch_size=200, patience=None, restore_best=False)
+    out = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = Avocado.build(TINY, vocab, data)
+        st = fit(model, data, params.model_copy(update={"compile": compile_}))
+        out.append(st.history[-1]["train_mse"])
+    assert out[1] == pytest.approx(out[0], rel=1e-3)
+
+
 def test_row_adam_equals_sparse_adam():
     torch.manual_seed(0)
     tabs = [torch.nn.Embedding(50, 3, sparse=True) for _ in range(2)]

@@ -420,13 +420,22 @@ def test_transfer_to_another_chromosome_fits_only_genome_factors():
     torch.manual_seed(0)
     t, vocab, data, _ = make_problem(n=600)
     model = Avocado.build(AvocadoParams(**TINY), vocab, data)
-    fit(model, data, LoopParams(epochs=2, batch_size=200, patience=None))
+    state = fit(model, data, LoopParams(epochs=2, batch_size=200, patience=None))
     _, _, data2, _ = make_problem(n=800, seed=5)
     new = Avocado.transfer(model, data2)
     assert new.vocab.chrom == "chrT" and new.genome[0].num_embeddings == 800
     dense_before = [p.detach().clone() for p in new.dense_parameters()]
     genome_before = [p.detach().clone() for p in new.sparse_parameters()]
-    fit(new, data2, LoopParams(epochs=2, batch_size=200, patience=None, restore_best=False))
+    loop = LoopParams(epochs=2, batch_size=200, patience=None, restore_best=False)
+    # the first chromosome's genome moments do not fit the new rows: refused, not misread
+    moved = r"'genome\.0\.weight' has shape \(600, 4\).*keep_sparse=False"
+    with pytest.raises(EpirayError, match=moved):
+        fit(new, data2, loop, start_state=state.for_new_phase())
+    state2 = fit(new, data2, loop, start_state=state.for_new_phase(keep_sparse=False))
+    # the frozen network's moments are carried for later phases, the genome's are new
+    for k, v in state.dense_opt.items():
+        assert torch.equal(state2.dense_opt[k]["exp_avg"], v["exp_avg"]), k
+    assert state2.sparse_opt["genome.0.weight"]["exp_avg"].shape == (800, 4)
     for p, b, q in zip(new.dense_parameters(), dense_before, model.dense_parameters()):
         assert torch.equal(p, b) and torch.equal(p, q)
     assert all(not torch.equal(p, b) for p, b in zip(new.sparse_parameters(), genome_before))

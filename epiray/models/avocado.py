@@ -279,7 +279,8 @@ class Avocado(ImputationModel):
 
         The network and the biosample/assay factors are copied from ``trained`` and frozen;
         the genome factors of ``data``'s bins start fresh. Train it with
-        :func:`epiray.loop.fit` (pass ``state.for_new_phase()`` to keep Adam moments).
+        :func:`epiray.loop.fit`; to carry the frozen parts' Adam moments into later phases pass
+        ``state.for_new_phase(keep_sparse=False)`` (the new genome rows start at zero).
 
         Parameters
         ----------
