@@ -312,11 +312,11 @@ def cmd_loo(args: argparse.Namespace) -> dict:
             )
         rows.append(row)
         orig = "" if row["original_mse"] is None else f", original {row['original_mse']:.3f}"
+        epoch = "" if best is None else f"  best epoch {best}"  # None: every seed read back
         print(
             f"{row['track']}: MSE {row['mse']:.4f} (AA {row['aa_mse']:.4f}{orig})  "
-            f"Pearson {row['pearson']:.3f} (AA "
-            f"{row['aa_pearson']:.3f})  best epoch {best}  {row['wall_s']:.0f} s wall, "
-            f"{row['cpu_s']:.0f} CPU-s",
+            f"Pearson {row['pearson']:.3f} (AA {row['aa_pearson']:.3f}){epoch}  "
+            f"{row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} CPU-s",
             flush=True,
         )
     mean = {
