@@ -430,6 +430,11 @@ def _diagnose(model: Avocado, data: ChromData, vocab: Vocabulary, test: Track, t
     }
 
 
+def _differs(table: dict, out: dict, keys: tuple[str, ...]) -> bool:
+    """Whether a selection table was computed with other settings than ``out`` (on ``keys``)."""
+    return any(table.get(k) != out[k] for k in keys)
+
+
 def cmd_select(args: argparse.Namespace) -> dict:
     """The selection table for ``loo --selection``, computed in shards (``--shard i/n`` takes
     every n-th pair from the i-th) so that several processes share the models. With ``--out``
@@ -455,17 +460,13 @@ def cmd_select(args: argparse.Namespace) -> dict:
     }
     if args.out and Path(args.out).is_file():
         prev = json.loads(Path(args.out).read_text())
-        if {k: prev.get(k) for k in ("rule", "select_bins", "grid", "loop")} != {
-            k: out[k] for k in ("rule", "select_bins", "grid", "loop")
-        }:
+        if _differs(prev, out, ("rule", "select_bins", "grid", "loop")):
             sys.exit(f"bench_avocado select: {args.out} holds another selection; remove it.")
         out["table"] = prev["table"]
     reused: dict = {}
     for path in args.reuse or []:
         other = json.loads(Path(path).read_text())
-        if {k: other.get(k) for k in ("rule", "select_bins", "loop")} != {
-            k: out[k] for k in ("rule", "select_bins", "loop")
-        }:
+        if _differs(other, out, ("rule", "select_bins", "loop")):
             sys.exit(
                 f"bench_avocado select: --reuse {path} was computed with another rule, "
                 "selection bins or loop; its models are not this table's."

@@ -424,6 +424,12 @@ def fit(
             f"fit model {model.name!r}: every parameter is frozen; expected something to "
             "train. Freeze less."
         )
+    if params.compile and sparse and _torch_version() < (2, 8):
+        raise EpirayError(
+            f"loop.compile: torch {torch.__version__} cannot compile a model with sparse "
+            "embedding gradients (pytorch issue 150656, fixed in torch 2.8). Upgrade torch "
+            "or set loop.compile: false."
+        )
     if world > 1:
         for p in model.dense_parameters():
             dist.broadcast(p.data, src=0)
@@ -461,12 +467,6 @@ def fit(
         if start_state.cuda_rng is not None and dev.type == "cuda":
             torch.cuda.set_rng_state(start_state.cuda_rng, dev)
 
-    if params.compile and sparse and _torch_version() < (2, 8):
-        raise EpirayError(
-            f"loop.compile: torch {torch.__version__} cannot compile a model with sparse "
-            "embedding gradients (pytorch issue 150656, fixed in torch 2.8). Upgrade torch "
-            "or set loop.compile: false."
-        )
     loss_fn = torch.compile(model.loss) if params.compile else model.loss
     amp = _autocast(params, dev)
 
