@@ -271,7 +271,10 @@ def _opt_state_by_name(opt: torch.optim.Optimizer, names: dict[int, str]) -> dic
 
 
 def _load_opt_state(
-    opt: torch.optim.Optimizer, saved: Mapping[str, Mapping[str, Any]], model: nn.Module
+    opt: torch.optim.Optimizer,
+    saved: Mapping[str, Mapping[str, Any]],
+    model: nn.Module,
+    where: str,
 ) -> None:
     by_name = dict(model.named_parameters())
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -283,11 +286,11 @@ def _load_opt_state(
         for k, v in st.items():
             if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
                 raise EpirayError(
-                    f"optimiser state {k!r} of parameter {name!r} has shape {tuple(v.shape)} "
-                    f"but the parameter has {tuple(p.shape)}: the state was saved for another "
-                    "slab (chromosome or bins). Start a model for another chromosome with "
-                    "state.for_new_phase(keep_sparse=False), or resume on the slab and "
-                    "vocabulary the checkpoint was written for."
+                    f"{where}: optimiser state {k!r} of parameter {name!r} has shape "
+                    f"{tuple(v.shape)} but the parameter has {tuple(p.shape)}: the state was "
+                    "saved for another slab (chromosome or bins). Start a model for another "
+                    "chromosome with state.for_new_phase(keep_sparse=False), or resume on the "
+                    "slab and vocabulary the checkpoint was written for."
                 )
         # Adam keeps its step count on the CPU unless fused (then on the parameter's device).
         opt.state[p] = {
@@ -445,10 +448,11 @@ def fit(
     gen.manual_seed(params.seed + 7919 * rank)
     state = start_state if start_state is not None else TrainState()
     if start_state is not None:
+        where = f"fit {model.name} on {data.chrom} bins [{data.lo}, {data.hi})"
         if dense_opt is not None:
-            _load_opt_state(dense_opt, start_state.dense_opt, model)
+            _load_opt_state(dense_opt, start_state.dense_opt, model, where)
         if sparse_opt is not None:
-            _load_opt_state(sparse_opt, start_state.sparse_opt, model)
+            _load_opt_state(sparse_opt, start_state.sparse_opt, model, where)
         if start_state.generator is not None:
             if start_state.generator.numel() == gen.get_state().numel():
                 gen.set_state(start_state.generator)

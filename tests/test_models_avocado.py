@@ -428,7 +428,7 @@ def test_transfer_to_another_chromosome_fits_only_genome_factors():
     genome_before = [p.detach().clone() for p in new.sparse_parameters()]
     loop = LoopParams(epochs=2, batch_size=200, patience=None, restore_best=False)
     # the first chromosome's genome moments do not fit the new rows: refused, not misread
-    moved = r"'genome\.0\.weight' has shape \(600, 4\).*keep_sparse=False"
+    moved = r"chrT bins \[0, 800\).*'genome\.0\.weight' has shape \(600, 4\).*keep_sparse=False"
     with pytest.raises(EpirayError, match=moved):
         fit(new, data2, loop, start_state=state.for_new_phase())
     state2 = fit(new, data2, loop, start_state=state.for_new_phase(keep_sparse=False))
