@@ -413,6 +413,14 @@ def memory_plan(cfg: TrainConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def wants_checkpoint(state, params: LoopParams) -> bool:
+    """Whether the per-epoch report after ``state.epoch`` carries a checkpoint: every
+    ``params.checkpoint_every`` epochs, except after the run's last epoch, whose final report
+    (always checkpointed) follows at once, so the chromosome's factors are not written twice."""
+    last = state.stopped or state.epoch >= params.epochs
+    return not last and state.epoch % params.checkpoint_every == 0
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker: load the slab, train (resuming if a checkpoint exists), predict."""
     import ray.train
@@ -525,6 +533,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 train={"mse": metrics["train_mse"], "examples_per_s": metrics["examples_per_s"]},
                 val={"mse": metrics["val_mse"]} if metrics.get("val_mse") is not None else None,
             )
+        if not final and not wants_checkpoint(state, loop_params):
+            ray.train.report(clean)
+            return
         with tempfile.TemporaryDirectory() as d:
             save(Path(d), state, final)
             ray.train.report(

@@ -18,6 +18,7 @@ from epiray.train import (
     memory_plan,
     plan_runs,
     train,
+    wants_checkpoint,
 )
 
 pytestmark = pytest.mark.ray
@@ -70,6 +71,9 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     cfg = config(tmp_path, store)
     (r,) = train(cfg)
     ck = r.checkpoint
+    run_dir = tmp_path / "runs" / "avocado_mouse_only.chr1.fold0"
+    # a checkpoint every epoch, the last one only once (as the final); Ray keeps two
+    assert sorted(p.name for p in run_dir.glob("epoch*")) == ["epoch0002", "epoch0003_final"]
     meta = json.loads(open(f"{ck}/meta.json").read())
     assert meta["final"] and meta["epoch"] == 3 and len(meta["shards"]) == 2
     n = store.n_bins("mmSyn1", "chr1")
@@ -99,10 +103,16 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     (again,) = train(config(tmp_path / "again", store))
     assert again.history["train_mse"].tolist() == r.history["train_mse"].tolist()
 
-    # resume: the same config with more epochs continues after epoch 3
-    (r2,) = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 5})}))
+    # resume: the same config with more epochs continues after epoch 3; with checkpoint_every
+    # 2 only epoch 4's report carries a checkpoint before the final one
+    more = cfg.train.model_copy(update={"epochs": 5, "checkpoint_every": 2})
+    (r2,) = train(cfg.model_copy(update={"train": more}))
     meta2 = json.loads(open(f"{r2.checkpoint}/meta.json").read())
     assert meta2["epoch"] == 5
+    assert sorted(p.name for p in run_dir.glob("epoch*")) == ["epoch0004", "epoch0005_final"]
+    # every epoch is still reported (the new config's MLflow run logs the two it trained)
+    steps = [m.step for m in mlc.get_metric_history(r2.mlflow_run_id, "train/mse")]
+    assert sorted(steps) == [4, 5]
     assert list(r2.history["epoch"]) == [1, 2, 3, 4, 5]
     # nothing before the checkpoint was retrained: epochs 1-3 are the first run's, unchanged
     assert r2.history["train_mse"].tolist()[:3] == r.history["train_mse"].tolist()
@@ -120,6 +130,26 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     bad["experiments"].pop(meta2["train"][0])
     with pytest.raises(StoreError, match="not in the store"):
         load_checkpoint(f"{r2.checkpoint}/rank0.pt", data, store_summary=bad)
+
+
+def test_checkpoint_every():
+    """Which per-epoch reports carry a checkpoint (the final report always does)."""
+    from types import SimpleNamespace
+
+    def epochs_with_checkpoint(every, epochs=7, stopped_at=None):
+        p = LoopParams(epochs=epochs, checkpoint_every=every)
+        return [
+            e
+            for e in range(1, (stopped_at or epochs) + 1)
+            if wants_checkpoint(SimpleNamespace(epoch=e, stopped=e == stopped_at), p)
+        ]
+
+    assert epochs_with_checkpoint(1) == [1, 2, 3, 4, 5, 6]
+    assert epochs_with_checkpoint(3) == [3, 6]
+    assert epochs_with_checkpoint(3, epochs=6) == [3]
+    assert epochs_with_checkpoint(2, stopped_at=4) == [2]
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        LoopParams(checkpoint_every=0)
 
 
 def test_train_plan_prints_worker_memory_without_training(tmp_path, tiny_store, capsys):
