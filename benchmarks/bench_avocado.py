@@ -42,6 +42,13 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     Memory of one cross-species worker on a mouse-chr1-sized slab: ``memory_estimate`` beside
     the process's measured RSS (after loading, after the first step, peak over the steps); then
     the estimate per worker for the whole compendium's chr1 by number of workers.
+``profile``
+    ``torch.profiler`` over training steps at paper sizes on the pilot: the matrix multiplies'
+    share of the CPU time and their GFLOP/s, and the top operators.
+``checkpoint``
+    Size, write and read time of a worker's checkpoint at mouse chr1 size (paper sizes, after
+    training steps: genome factors with both Adam moments, then with the best epoch's copy),
+    beside an epoch's time here and at the GPU target of 10 M examples/s.
 
     .venv/bin/python benchmarks/bench_avocado.py loo
     .venv/bin/python benchmarks/bench_avocado.py select --shard 0/2 --out same0.json  # and 1/2
@@ -52,6 +59,8 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     .venv/bin/python benchmarks/bench_avocado.py throughput --steps 3
     .venv/bin/python benchmarks/bench_avocado.py scale
     .venv/bin/python benchmarks/bench_avocado.py memory
+    .venv/bin/python benchmarks/bench_avocado.py checkpoint
+    .venv/bin/python benchmarks/bench_avocado.py profile
 """
 
 from __future__ import annotations
@@ -510,16 +519,19 @@ def _synthetic(n_bins: int, n_tracks: int = 24) -> tuple[Vocabulary, ChromData]:
     return vocab, ChromData("c", 0, n_bins, n_bins, values, idx % 5, idx // 5)
 
 
-def _timed_fit(model, data, steps, batch_size, **loop) -> dict:
-    """Warm-up epoch of one step, then ``steps`` steps timed (wall and process CPU)."""
+def _timed_fit(model, data, steps, batch_size, state_out: list | None = None, **loop) -> dict:
+    """Warm-up epoch of one step, then ``steps`` steps timed (wall and process CPU); the loop
+    state after them is appended to ``state_out`` when given."""
     params = LoopParams(
         epochs=1, batch_size=batch_size, max_batches_per_epoch=1, patience=None, **loop
     )
     state = fit(model, data, params)
     params = params.model_copy(update={"epochs": 2, "max_batches_per_epoch": steps})
     t0, c0 = time.perf_counter(), time.process_time()
-    fit(model, data, params, start_state=state)
+    state = fit(model, data, params, start_state=state)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if state_out is not None:
+        state_out.append(state)
     return {
         "steps": steps,
         "batch_size": batch_size,
@@ -739,6 +751,131 @@ def cmd_memory(args: argparse.Namespace) -> dict:
     }
 
 
+def cmd_profile(args: argparse.Namespace) -> dict:
+    """Where a training step's CPU time goes at paper sizes on the pilot (``torch.profiler``):
+    the matrix multiplies' share and GFLOP/s against everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tracks = _load()
+    vocab = _vocab()
+    data = _data(tracks, vocab, list(tracks))
+    torch.manual_seed(0)
+    model = Avocado.build(AvocadoParams(), vocab, data)
+    params = LoopParams(
+        epochs=1, batch_size=args.batch_size, max_batches_per_epoch=1, patience=None
+    )
+    state = fit(model, data, params)  # warm-up step, optimiser state
+    params = params.model_copy(update={"epochs": 2, "max_batches_per_epoch": args.steps})
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fit(model, data, params, start_state=state)
+        wall = time.perf_counter() - t0
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) / 1e6
+    mm = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm")) / 1e6
+    p = model.params
+    width = sum(p.n_genome_factors)
+    # forward + backward multiply-adds per example: first layer (genome part), hidden, output
+    macs = width * p.n_nodes + (p.n_layers - 1) * p.n_nodes**2 + p.n_nodes
+    flop = 6 * macs * args.batch_size * args.steps
+    print(
+        f"{args.steps} steps, batch {args.batch_size:,}, {torch.get_num_threads()} threads: "
+        f"{wall:.1f} s wall, {total:.1f} s in operators (the profiler's self time on the "
+        f"calling thread); matrix multiplies {mm:.1f} s ({100 * mm / total:.0f} %, "
+        f"{flop / mm / 1e9:.0f} GFLOP/s with all threads)"
+    )
+    for e in ops[: args.top]:
+        print(
+            f"  {e.key:<48} {e.self_cpu_time_total / 1e6:7.3f} s "
+            f"{100 * e.self_cpu_time_total / 1e6 / total:5.1f} %  x{e.count}"
+        )
+    return {
+        "bench": "avocado_profile",
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "wall_s": wall,
+        "op_cpu_s": total,
+        "matmul_cpu_s": mm,
+        "matmul_share": mm / total,
+        "matmul_gflop_per_s": flop / mm / 1e9,
+        "top": [
+            {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+            for e in ops[: args.top]
+        ],
+        "loadavg": _loadavg(),
+    }
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> dict:
+    """What a per-epoch checkpoint costs at mouse chr1 size: ``save_checkpoint`` and
+    ``load_checkpoint`` of a paper-size model after training steps (genome factors with both
+    Adam moments), with and without the best epoch's host copy, beside this machine's epoch
+    time and an epoch at the GPU target of 10 M examples/s."""
+    import shutil
+    import tempfile
+
+    from epiray.loop import load_checkpoint, save_checkpoint
+
+    vocab, data = _synthetic(args.bins)
+    torch.manual_seed(0)
+    model = Avocado.build(AvocadoParams(), vocab, data)
+    states: list = []
+    r = _timed_fit(model, data, args.steps, args.batch_size, state_out=states)
+    (state,) = states
+    epoch_s = args.bins / r["samples_per_s"]
+    gpu_epoch_s = args.bins / 10e6
+    rows = []
+    d = Path(tempfile.mkdtemp(prefix="epiray-ckpt-", dir=args.dir))
+    try:
+        for best in (False, True):
+            if best:  # as fit keeps it with early stopping: a host copy of every parameter
+                state.best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+                }
+            path = d / f"rank0{'_best' if best else ''}.pt"
+            t0 = time.perf_counter()
+            save_checkpoint(path, model, state)
+            save_s = time.perf_counter() - t0
+            size = path.stat().st_size
+            t0 = time.perf_counter()
+            load_checkpoint(path, data)
+            load_s = time.perf_counter() - t0
+            path.unlink()
+            rows.append(
+                {
+                    "best_copy": best,
+                    "bytes": size,
+                    "bytes_per_bin": size / args.bins,
+                    "save_s": save_s,
+                    "save_gb_per_s": size / save_s / 1e9,
+                    "load_s": load_s,
+                    "save_over_cpu_epoch": save_s / epoch_s,
+                    "save_over_gpu_target_epoch": save_s / gpu_epoch_s,
+                }
+            )
+            print(
+                f"{args.bins:,} bins, paper sizes, {'with' if best else 'without'} the best "
+                f"epoch's copy: {size / 1e9:.2f} GB ({size / args.bins:.0f} B per bin), "
+                f"save {save_s:.1f} s ({size / save_s / 1e9:.2f} GB/s, fsynced), load "
+                f"{load_s:.1f} s; an epoch here {epoch_s:,.0f} s "
+                f"({r['samples_per_s']:,.0f} examples/s), at 10 M examples/s {gpu_epoch_s:.2f} s "
+                f"-> save / epoch {save_s / epoch_s:.4f} here, {save_s / gpu_epoch_s:.1f} there",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return {
+        "bench": "avocado_checkpoint",
+        "bins": args.bins,
+        "train": r,
+        "epoch_s": epoch_s,
+        "gpu_target_epoch_s": gpu_epoch_s,
+        "checkpoints": rows,
+        "loadavg": _loadavg(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -843,6 +980,15 @@ def main() -> None:
     p.add_argument("--aligned", type=int, default=3_100_000, help="alignment rows (~40%%)")
     p.add_argument("--batch-size", type=int, default=40_000)
     p.add_argument("--steps", type=int, default=2)
+    p = sub.add_parser("profile", help="where a step's CPU time goes (torch.profiler)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=40_000)
+    p.add_argument("--top", type=int, default=12)
+    p = sub.add_parser("checkpoint", help="checkpoint size and write time at chr1 size")
+    p.add_argument("--bins", type=int, default=CHR1_BINS)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=40_000)
+    p.add_argument("--dir", help="where to write (default: the temp directory)")
     args = ap.parse_args()
     fn = {
         "loo": cmd_loo,
@@ -852,6 +998,8 @@ def main() -> None:
         "sparse": cmd_sparse,
         "bf16": cmd_bf16,
         "memory": cmd_memory,
+        "checkpoint": cmd_checkpoint,
+        "profile": cmd_profile,
     }
     print(json.dumps(fn[args.cmd](args)))
 

@@ -82,6 +82,8 @@ def run_original(args: argparse.Namespace) -> dict:
         str(args.steps),
         "--seed",
         str(args.seed),
+        "--blas",
+        args.original_blas,
     ]
     print("original:", " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -186,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto")
     p.add_argument("--timeout", type=float, default=3600, help="seconds for the original")
+    p.add_argument(
+        "--original-blas",
+        choices=["linked", "numpy"],
+        default="linked",
+        help="the original's Theano BLAS (run_original.py --blas; linked is its faster)",
+    )
     p.add_argument("--skip-original", action="store_true", help="epiray side only")
     p.add_argument("--skip-epiray", action="store_true", help="original side only")
     args = p.parse_args(argv)
