@@ -86,6 +86,10 @@ class ScalingSection(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
+    #: ``reuse``: CPU workers start with glibc keeping freed memory for reuse
+    #: (:data:`epiray.runtime.REUSE_MALLOC_TUNABLES`, +11 % samples/s on CPU); ``system``:
+    #: the C library's defaults. GPU workers always keep the defaults.
+    cpu_malloc: Literal["reuse", "system"] = "reuse"
 
 
 class TrainConfig(Section):
@@ -481,13 +485,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             TrackingConfig(tracking_uri=spec.tracking_uri), mlc, spec.mlflow_run_id, None, None
         )
 
-    if run is not None and memory is not None:
-        run.set_tags(
-            {
-                "epiray.memory_per_worker_gib": f"{memory['total'] / 2**30:.3f}",
-                "epiray.memory_per_worker": describe_memory(memory, size),
-            }
-        )
+    if run is not None:
+        # the allocator settings the workers run with (scaling.cpu_malloc), for speed audits
+        tags = {"epiray.worker_glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+        if memory is not None:
+            tags["epiray.memory_per_worker_gib"] = f"{memory['total'] / 2**30:.3f}"
+            tags["epiray.memory_per_worker"] = describe_memory(memory, size)
+        run.set_tags(tags)
     shards = [list(shard_bounds(n_bins, world, r)) for r in range(world)]
 
     def save(d: Path, state, final: bool) -> None:
@@ -593,6 +597,15 @@ def _use_gpu(s: ScalingSection) -> bool:
     return bool(s.use_gpu)
 
 
+def worker_runtime_env(s: ScalingSection, use_gpu: bool) -> dict[str, Any]:
+    """The Ray runtime env of a run's Train workers (merged into the job's by Ray)."""
+    if use_gpu or s.cpu_malloc == "system":
+        return {}
+    from epiray.runtime import REUSE_MALLOC_TUNABLES
+
+    return {"env_vars": {"GLIBC_TUNABLES": REUSE_MALLOC_TUNABLES}}
+
+
 def run_one(
     spec: RunSpec,
     cfg: TrainConfig,
@@ -646,6 +659,7 @@ def run_one(
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=0),
                 callbacks=list(callbacks) or None,
+                worker_runtime_env=worker_runtime_env(cfg.scaling, use_gpu),
             ),
         )
         result = trainer.fit()

@@ -98,6 +98,10 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     assert list(plan["worker"]) == [0, 1] and plan["bins"].sum() == n
     assert run.data.tags["epiray.memory_per_worker_gib"] == f"{plan['total_gib'][0]:.3f}"
     assert "memory per worker" in run.data.tags["epiray.memory_per_worker"]
+    # CPU workers started with glibc told to reuse freed activations (scaling.cpu_malloc)
+    from epiray.runtime import REUSE_MALLOC_TUNABLES
+
+    assert run.data.tags["epiray.worker_glibc_tunables"] == REUSE_MALLOC_TUNABLES
 
     # seeded: the same config trained again from scratch elsewhere reproduces the run
     (again,) = train(config(tmp_path / "again", store))
@@ -130,6 +134,16 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     bad["experiments"].pop(meta2["train"][0])
     with pytest.raises(StoreError, match="not in the store"):
         load_checkpoint(f"{r2.checkpoint}/rank0.pt", data, store_summary=bad)
+
+
+def test_worker_runtime_env():
+    from epiray.runtime import REUSE_MALLOC_TUNABLES
+    from epiray.train import worker_runtime_env
+
+    reuse = {"env_vars": {"GLIBC_TUNABLES": REUSE_MALLOC_TUNABLES}}
+    assert worker_runtime_env(ScalingSection(), use_gpu=False) == reuse
+    assert worker_runtime_env(ScalingSection(), use_gpu=True) == {}
+    assert worker_runtime_env(ScalingSection(cpu_malloc="system"), use_gpu=False) == {}
 
 
 def test_checkpoint_every():
