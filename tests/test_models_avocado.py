@@ -214,6 +214,53 @@ def test_predict_equals_the_concatenating_network():
     torch.testing.assert_close(out, model.out(h).squeeze(1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_forward_and_gradients_equal_the_concatenating_network(autocast):
+    """The training path (distinct pair rows gathered per example, the product added in
+    place, the output layer as a matrix-vector product) is the paper's network, gradients
+    included; under autocast it takes the plain path."""
+    _, vocab, data, _ = make_problem(n=300)
+    model = Avocado.build(AvocadoParams(**TINY), vocab, data)
+    gen = torch.Generator().manual_seed(1)
+    bins = torch.randint(300, (64,), generator=gen)
+    b = torch.randint(5, (64,), generator=gen)
+    a = torch.randint(4, (64,), generator=gen)
+    y = torch.randn(64, generator=gen)
+    dense = [model.hidden[0].weight, model.hidden[0].bias, model.out.weight, model.out.bias]
+    dense += [model.hidden[-1].weight]
+
+    def grads(loss):
+        for p in dense:
+            p.grad = None
+        loss.backward()
+        return [p.grad.clone() for p in dense]
+
+    uniq, inv = torch.unique(b * 10 + a, return_inverse=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        pair = model._pair_inputs(uniq // 10, uniq % 10)
+        pred = model(model._genome_inputs(bins), pair, inv)
+    ours = grads(F.mse_loss(pred.float(), y))
+    x = torch.cat(
+        [
+            model.biosample_factors[0][b],
+            model.assay_factors[0][a],
+            model.genome[0](bins),
+            model.genome[1](bins // 10),
+            model.genome[2](bins // 200),
+        ],
+        1,
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        h = x
+        for lin in model.hidden:
+            h = F.relu(lin(h))
+        ref = model.out(h).squeeze(1)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(pred.float(), ref.float(), **tol)
+    for got, want in zip(ours, grads(F.mse_loss(ref.float(), y))):
+        torch.testing.assert_close(got, want, **tol)
+
+
 def test_predict_many_and_embeddings_follow_the_vocabulary():
     _, vocab, data, _ = make_problem(n=300)
     model = Avocado.build(AvocadoParams(**TINY), vocab, data).eval()

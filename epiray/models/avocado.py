@@ -568,10 +568,23 @@ class Avocado(ImputationModel):
             ``[B]`` predictions (arcsinh scale).
         """
         w = self.hidden[0].weight[:, self.n_pair_inputs :]
-        base = pair.expand(genome.shape[0], -1) if pair_index is None else pair[pair_index]
-        h = torch.relu_(torch.addmm(base, genome, w.t()))
+        # Without autocast (which casts neither in-place ops nor mv's sum consistently), two
+        # CPU shortcuts, the same arithmetic: the first layer adds its product in place to the
+        # gathered pair rows (no copy of them), and the one-output layer is a matrix-vector
+        # product, whose input gradient is a broadcast multiply rather than a K = 1 matrix
+        # multiply (~10x slower on CPU). `benchmarks/bench_avocado.py profile`.
+        plain = not torch.is_autocast_enabled(genome.device.type)
+        if pair_index is None:
+            h = torch.addmm(pair.expand(genome.shape[0], -1), genome, w.t())
+        elif plain:
+            h = pair.index_select(0, pair_index).addmm_(genome, w.t())
+        else:
+            h = torch.addmm(pair.index_select(0, pair_index), genome, w.t())
+        h = torch.relu_(h)
         for lin in self.hidden[1:]:
             h = torch.relu_(lin(h))
+        if plain:
+            return torch.mv(h, self.out.weight[0]) + self.out.bias
         return self.out(h).squeeze(1)
 
     # ---------------------------------------------------------------------------------------
