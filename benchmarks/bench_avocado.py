@@ -31,6 +31,10 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     Training samples/s at the paper's hyperparameters (2 × 2,048, factors 32/256/25+40+45,
     batch 40,000), pilot data, through ``epiray.loop.fit``. Wall-clock and per-CPU-second
     figures (the second moves less when the machine is shared).
+``malloc``
+    ``throughput --thread`` (training in a thread, as a Ray Train worker runs it) in child
+    processes with glibc's default malloc and with ``scaling.cpu_malloc: reuse``'s
+    ``GLIBC_TUNABLES``, alternating: what reusing freed activations gains.
 ``scale``
     Step time at mouse chr1 size (7.8 M bins) vs pilot size (1.13 M bins): genome-factor
     updates are sparse, so the step must not grow with the chromosome.
@@ -61,6 +65,7 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
     .venv/bin/python benchmarks/bench_avocado.py memory
     .venv/bin/python benchmarks/bench_avocado.py checkpoint
     .venv/bin/python benchmarks/bench_avocado.py profile
+    .venv/bin/python benchmarks/bench_avocado.py malloc
 """
 
 from __future__ import annotations
@@ -548,7 +553,18 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
     data = _data(tracks, vocab, list(tracks))
     torch.manual_seed(0)
     model = Avocado.build(AvocadoParams(), vocab, data)
-    r = _timed_fit(model, data, args.steps, args.batch_size)
+    if args.thread:  # as a Ray Train worker runs its training function
+        import threading
+
+        out: list = []
+        t = threading.Thread(
+            target=lambda: out.append(_timed_fit(model, data, args.steps, args.batch_size))
+        )
+        t.start()
+        t.join()
+        (r,) = out
+    else:
+        r = _timed_fit(model, data, args.steps, args.batch_size)
     print(
         f"paper sizes, batch {args.batch_size}, pilot ({PILOT_BINS:,} bins), "
         f"{torch.get_num_threads()} threads: {r['samples_per_s']:,.0f} samples/s wall "
@@ -559,8 +575,39 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
         "bench": "avocado_throughput",
         **r,
         "threads": torch.get_num_threads(),
+        "in_thread": args.thread,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "loadavg": _loadavg(),
     }
+
+
+def cmd_malloc(args: argparse.Namespace) -> dict:
+    """``throughput --thread`` in child processes with glibc's default malloc and with
+    ``scaling.cpu_malloc: reuse``'s tunables, alternating, ``--repeats`` times each."""
+    import subprocess
+
+    from epiray.runtime import REUSE_MALLOC_TUNABLES
+
+    runs: dict[str, list[float]] = {"system": [], "reuse": []}
+    for _ in range(args.repeats):
+        for mode in runs:
+            env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+            if mode == "reuse":
+                env["GLIBC_TUNABLES"] = REUSE_MALLOC_TUNABLES
+            cmd = [sys.executable, __file__, "throughput", "--thread"]
+            cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[mode].append(r["samples_per_s"])
+            print(f"{mode}: {r['samples_per_s']:,.0f} samples/s", flush=True)
+    mean = {k: float(np.mean(v)) for k, v in runs.items()}
+    ratio = mean["reuse"] / mean["system"]
+    print(
+        f"paper sizes, batch {args.batch_size:,}, in a thread: system malloc "
+        f"{mean['system']:,.0f}, reuse {mean['reuse']:,.0f} samples/s (mean of "
+        f"{args.repeats}) -> {ratio:.2f}x; load {_loadavg()}"
+    )
+    return {"bench": "avocado_malloc", "runs": runs, "mean": mean, "ratio": ratio}
 
 
 def cmd_scale(args: argparse.Namespace) -> dict:
@@ -963,6 +1010,11 @@ def main() -> None:
     p = sub.add_parser("throughput", help="samples/s at paper sizes on the pilot")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=40_000)
+    p.add_argument("--thread", action="store_true", help="train in a thread (as Ray Train)")
+    p = sub.add_parser("malloc", help="throughput with glibc's default malloc vs cpu_malloc")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=40_000)
+    p.add_argument("--repeats", type=int, default=3)
     p = sub.add_parser("scale", help="step time at chr1 size vs pilot size")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=40_000)
@@ -1000,6 +1052,7 @@ def main() -> None:
         "memory": cmd_memory,
         "checkpoint": cmd_checkpoint,
         "profile": cmd_profile,
+        "malloc": cmd_malloc,
     }
     print(json.dumps(fn[args.cmd](args)))
 

@@ -6,7 +6,11 @@ Same data (the 25 Roadmap pilot tracks, 1,126,469 bins), same hyperparameters (p
 1. the original, ``avocado-epigenome==0.4.1``, in a subprocess under its Python 3.8 venv
    (``benchmarks/original_avocado/setup.sh``; run ``run_original.py``);
 2. epiray's ``Avocado`` in this process, trained by ``epiray.loop.fit`` (dense Adam + row-wise
-   sparse Adam on the genome factors), exactly as the training loop runs it on a worker.
+   sparse Adam on the genome factors) in a thread, exactly as a Ray Train worker runs it.
+
+Both sides run with the same glibc malloc settings: ``--malloc reuse`` (default; what
+``scaling.cpu_malloc: reuse`` gives CPU Train workers) or ``system``; the script re-executes
+itself with ``GLIBC_TUNABLES`` set accordingly, since glibc reads it at process start.
 
 Both figures are steady-state samples/s after warm-up: the original's between Keras batch-end
 callbacks of ``Avocado.fit`` (its own generator and loop); epiray's over one ``fit`` epoch of
@@ -26,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,14 +150,22 @@ def run_epiray(args: argparse.Namespace) -> dict:
 
     # Warm-up epoch (first steps allocate the Adam moments), then the timed epoch resumes its
     # optimiser state, so only steady-state steps are timed. fit() times the epoch itself.
-    t0 = time.perf_counter()
-    warm = loop.model_copy(update={"epochs": 1, "max_batches_per_epoch": args.warmup})
-    state = fit(model, data, warm)
-    warmup_s = time.perf_counter() - t0
-    timed = loop.model_copy(update={"epochs": 2, "max_batches_per_epoch": args.steps})
-    c0 = time.process_time()
-    state = fit(model, data, timed, start_state=state)
-    cpu_s = time.process_time() - c0
+    # Both run in a thread, as a Ray Train worker runs its training function.
+    def train() -> None:
+        t0 = time.perf_counter()
+        warm = loop.model_copy(update={"epochs": 1, "max_batches_per_epoch": args.warmup})
+        state = fit(model, data, warm)
+        out["warmup_s"] = time.perf_counter() - t0
+        timed = loop.model_copy(update={"epochs": 2, "max_batches_per_epoch": args.steps})
+        c0 = time.process_time()
+        out["state"] = fit(model, data, timed, start_state=state)
+        out["cpu_s"] = time.process_time() - c0
+
+    out: dict = {}
+    worker = threading.Thread(target=train)
+    worker.start()
+    worker.join()
+    state, warmup_s, cpu_s = out["state"], out["warmup_s"], out["cpu_s"]
     epoch = state.history[-1]
     params = model.params.model_dump(mode="json")
     return {
@@ -177,6 +190,21 @@ def run_epiray(args: argparse.Namespace) -> dict:
     }
 
 
+def _malloc_env(mode: str) -> None:
+    """Re-run this script with ``GLIBC_TUNABLES`` as ``mode`` needs (glibc reads it at process
+    start): both sides, the original's subprocess included, get the same allocator."""
+    from epiray.runtime import REUSE_MALLOC_TUNABLES
+
+    want = REUSE_MALLOC_TUNABLES if mode == "reuse" else None
+    if os.environ.get("GLIBC_TUNABLES") == want:
+        return
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if want:
+        env["GLIBC_TUNABLES"] = want
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
@@ -194,13 +222,24 @@ def main(argv: list[str] | None = None) -> None:
         default="linked",
         help="the original's Theano BLAS (run_original.py --blas; linked is its faster)",
     )
+    p.add_argument(
+        "--malloc",
+        choices=["reuse", "system"],
+        default="reuse",
+        help="glibc malloc for both sides: reuse (scaling.cpu_malloc's default) or system",
+    )
     p.add_argument("--skip-original", action="store_true", help="epiray side only")
     p.add_argument("--skip-epiray", action="store_true", help="original side only")
     args = p.parse_args(argv)
+    _malloc_env(args.malloc)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
 
-    result: dict = {"cpu_count": os.cpu_count(), "load_average_start": _loadavg()}
+    result: dict = {
+        "cpu_count": os.cpu_count(),
+        "load_average_start": _loadavg(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+    }
     if not args.skip_original:
         result["original"] = run_original(args)
         result["load_average_after_original"] = _loadavg()
