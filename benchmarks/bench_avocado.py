@@ -71,6 +71,7 @@ Subcommands (each prints its figures; the last line of stdout is one JSON object
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -82,7 +83,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from epiray.loop import LoopParams, RowAdam, fit
+from epiray.loop import LoopParams, RowAdam, fit, host_copy
 from epiray.models import ChromData, Vocabulary, chrom_data_from_numpy
 from epiray.models.avocado import Avocado, AvocadoParams
 from epiray.models.baselines import AverageActivity
@@ -524,20 +525,19 @@ def _synthetic(n_bins: int, n_tracks: int = 24) -> tuple[Vocabulary, ChromData]:
     return vocab, ChromData("c", 0, n_bins, n_bins, values, idx % 5, idx // 5)
 
 
-def _timed_fit(model, data, steps, batch_size, state_out: list | None = None, **loop) -> dict:
-    """Warm-up epoch of one step, then ``steps`` steps timed (wall and process CPU); the loop
-    state after them is appended to ``state_out`` when given."""
+def _timed_fit(model, data, steps, batch_size, timed=contextlib.nullcontext, **loop):
+    """Warm-up epoch of one step, then ``steps`` steps timed (wall and process CPU) inside the
+    context ``timed()`` (a profiler, say). Returns the figures and the loop state after."""
     params = LoopParams(
         epochs=1, batch_size=batch_size, max_batches_per_epoch=1, patience=None, **loop
     )
     state = fit(model, data, params)
     params = params.model_copy(update={"epochs": 2, "max_batches_per_epoch": steps})
-    t0, c0 = time.perf_counter(), time.process_time()
-    state = fit(model, data, params, start_state=state)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    if state_out is not None:
-        state_out.append(state)
-    return {
+    with timed():
+        t0, c0 = time.perf_counter(), time.process_time()
+        state = fit(model, data, params, start_state=state)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    figures = {
         "steps": steps,
         "batch_size": batch_size,
         "step_wall_s": wall / steps,
@@ -545,14 +545,20 @@ def _timed_fit(model, data, steps, batch_size, state_out: list | None = None, **
         "samples_per_s": steps * batch_size / wall,
         "samples_per_cpu_s": steps * batch_size / cpu,
     }
+    return figures, state
 
 
-def cmd_throughput(args: argparse.Namespace) -> dict:
+def _pilot_model() -> tuple[Avocado, ChromData]:
+    """The paper-size Avocado on all 25 pilot tracks (seeded)."""
     tracks = _load()
     vocab = _vocab()
     data = _data(tracks, vocab, list(tracks))
     torch.manual_seed(0)
-    model = Avocado.build(AvocadoParams(), vocab, data)
+    return Avocado.build(AvocadoParams(), vocab, data), data
+
+
+def cmd_throughput(args: argparse.Namespace) -> dict:
+    model, data = _pilot_model()
     if args.thread:  # as a Ray Train worker runs its training function
         import threading
 
@@ -562,9 +568,9 @@ def cmd_throughput(args: argparse.Namespace) -> dict:
         )
         t.start()
         t.join()
-        (r,) = out
+        ((r, _),) = out
     else:
-        r = _timed_fit(model, data, args.steps, args.batch_size)
+        r, _ = _timed_fit(model, data, args.steps, args.batch_size)
     print(
         f"paper sizes, batch {args.batch_size}, pilot ({PILOT_BINS:,} bins), "
         f"{torch.get_num_threads()} threads: {r['samples_per_s']:,.0f} samples/s wall "
@@ -586,14 +592,12 @@ def cmd_malloc(args: argparse.Namespace) -> dict:
     ``scaling.cpu_malloc: reuse``'s tunables, alternating, ``--repeats`` times each."""
     import subprocess
 
-    from epiray.runtime import REUSE_MALLOC_TUNABLES
+    from epiray.runtime import malloc_environ
 
     runs: dict[str, list[float]] = {"system": [], "reuse": []}
     for _ in range(args.repeats):
         for mode in runs:
-            env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-            if mode == "reuse":
-                env["GLIBC_TUNABLES"] = REUSE_MALLOC_TUNABLES
+            env = malloc_environ(mode, os.environ)
             cmd = [sys.executable, __file__, "throughput", "--thread"]
             cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -616,7 +620,7 @@ def cmd_scale(args: argparse.Namespace) -> dict:
         vocab, data = _synthetic(n)
         torch.manual_seed(0)
         model = Avocado.build(AvocadoParams(n_nodes=args.n_nodes), vocab, data)
-        r = _timed_fit(model, data, args.steps, args.batch_size)
+        r, _ = _timed_fit(model, data, args.steps, args.batch_size)
         out[str(n)] = r
         print(
             f"{n:>9,} bins, n_nodes {args.n_nodes}: {r['step_cpu_s']:.3f} CPU-s/step, "
@@ -682,7 +686,7 @@ def cmd_bf16(args: argparse.Namespace) -> dict:
     for mode in ("off", "bf16"):
         torch.manual_seed(0)
         model = Avocado.build(AvocadoParams(n_nodes=args.n_nodes), vocab, data)
-        r = _timed_fit(model, data, args.steps, args.batch_size, autocast=mode)
+        r, _ = _timed_fit(model, data, args.steps, args.batch_size, autocast=mode)
         out[mode] = r
         print(
             f"autocast {mode}: {r['step_cpu_s']:.3f} CPU-s/step "
@@ -803,20 +807,10 @@ def cmd_profile(args: argparse.Namespace) -> dict:
     the matrix multiplies' share and GFLOP/s against everything else."""
     from torch.profiler import ProfilerActivity, profile
 
-    tracks = _load()
-    vocab = _vocab()
-    data = _data(tracks, vocab, list(tracks))
-    torch.manual_seed(0)
-    model = Avocado.build(AvocadoParams(), vocab, data)
-    params = LoopParams(
-        epochs=1, batch_size=args.batch_size, max_batches_per_epoch=1, patience=None
-    )
-    state = fit(model, data, params)  # warm-up step, optimiser state
-    params = params.model_copy(update={"epochs": 2, "max_batches_per_epoch": args.steps})
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        fit(model, data, params, start_state=state)
-        wall = time.perf_counter() - t0
+    model, data = _pilot_model()
+    prof = profile(activities=[ProfilerActivity.CPU])
+    r, _ = _timed_fit(model, data, args.steps, args.batch_size, timed=lambda: prof)
+    wall = r["step_wall_s"] * args.steps
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ops) / 1e6
     mm = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm")) / 1e6
@@ -867,9 +861,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> dict:
     vocab, data = _synthetic(args.bins)
     torch.manual_seed(0)
     model = Avocado.build(AvocadoParams(), vocab, data)
-    states: list = []
-    r = _timed_fit(model, data, args.steps, args.batch_size, state_out=states)
-    (state,) = states
+    r, state = _timed_fit(model, data, args.steps, args.batch_size)
     epoch_s = args.bins / r["samples_per_s"]
     gpu_epoch_s = args.bins / 10e6
     rows = []
@@ -877,9 +869,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> dict:
     try:
         for best in (False, True):
             if best:  # as fit keeps it with early stopping: a host copy of every parameter
-                state.best_state = {
-                    k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-                }
+                state.best_state = host_copy(model)
             path = d / f"rank0{'_best' if best else ''}.pt"
             t0 = time.perf_counter()
             save_checkpoint(path, model, state)

@@ -193,14 +193,11 @@ def run_epiray(args: argparse.Namespace) -> dict:
 def _malloc_env(mode: str) -> None:
     """Re-run this script with ``GLIBC_TUNABLES`` as ``mode`` needs (glibc reads it at process
     start): both sides, the original's subprocess included, get the same allocator."""
-    from epiray.runtime import REUSE_MALLOC_TUNABLES
+    from epiray.runtime import malloc_environ
 
-    want = REUSE_MALLOC_TUNABLES if mode == "reuse" else None
-    if os.environ.get("GLIBC_TUNABLES") == want:
+    env = malloc_environ(mode, os.environ)
+    if os.environ.get("GLIBC_TUNABLES") == env.get("GLIBC_TUNABLES"):
         return
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    if want:
-        env["GLIBC_TUNABLES"] = want
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 

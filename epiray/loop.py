@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,12 +31,14 @@ from torch import Tensor, nn
 from epiray.config import Section
 from epiray.errors import ConfigError, EpirayError
 from epiray.models import ChromData, ImputationModel, Vocabulary, get_model
+from epiray.store import atomic_open
 
 __all__ = [
     "LoopParams",
     "RowAdam",
     "TrainState",
     "fit",
+    "host_copy",
     "load_checkpoint",
     "save_checkpoint",
     "validate",
@@ -252,6 +253,12 @@ class RowAdam(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def host_copy(model: nn.Module) -> dict[str, Tensor]:
+    """The model's parameters and buffers copied to host memory (cloned on CPU): what
+    ``restore_best`` keeps of the best epoch, outside the device's memory budget."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _world() -> tuple[int, int]:
@@ -514,9 +521,7 @@ def fit(
             if val["val_mse"] < state.best_val - params.min_delta:
                 state.best_val, state.best_epoch, state.bad_epochs = val["val_mse"], state.epoch, 0
                 if params.restore_best:
-                    state.best_state = {  # a host copy (a clone on CPU)
-                        k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-                    }
+                    state.best_state = host_copy(model)
             else:
                 state.bad_epochs += 1
                 if params.patience is not None and state.bad_epochs >= params.patience:
@@ -675,12 +680,8 @@ def save_checkpoint(path: str | Path, model: ImputationModel, state: TrainState)
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "loop": _to_cpu(state.to_dict()),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:  # fsynced before the rename makes it the checkpoint
         torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-    tmp.replace(path)
     return path
 
 

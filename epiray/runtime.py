@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -12,12 +13,21 @@ log = logging.getLogger(__name__)
 #: (328 MB at 40,000); glibc serves each from a fresh ``mmap`` and returns it on free, so every
 #: step page-faults ~2.6 GB back in. With no mmap, no trimming and one arena (Ray Train runs the
 #: training function in a thread, whose own arena would mmap them again) freed activations
-#: are reused: +11 % samples/s on the project's 2-core VM (``benchmarks/RESULTS.md``). The
+#: are reused: +12 % samples/s on the project's 2-core VM (``benchmarks/RESULTS.md``). The
 #: worker's RSS then stays at its peak, which the memory estimate plans for anyway. Ignored by
 #: other C libraries.
 REUSE_MALLOC_TUNABLES = (
     "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
 )
+
+
+def malloc_environ(mode: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` for a process started with ``scaling.cpu_malloc``'s ``mode``: ``reuse``
+    sets ``GLIBC_TUNABLES`` to :data:`REUSE_MALLOC_TUNABLES`, ``system`` removes it."""
+    env = {k: v for k, v in environ.items() if k != "GLIBC_TUNABLES"}
+    if mode == "reuse":
+        env["GLIBC_TUNABLES"] = REUSE_MALLOC_TUNABLES
+    return env
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

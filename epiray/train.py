@@ -87,7 +87,7 @@ class ScalingSection(Section):
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     #: ``reuse``: CPU workers start with glibc keeping freed memory for reuse
-    #: (:data:`epiray.runtime.REUSE_MALLOC_TUNABLES`, +11 % samples/s on CPU); ``system``:
+    #: (:data:`epiray.runtime.REUSE_MALLOC_TUNABLES`, +12 % samples/s on CPU); ``system``:
     #: the C library's defaults. GPU workers always keep the defaults.
     cpu_malloc: Literal["reuse", "system"] = "reuse"
 

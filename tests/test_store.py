@@ -4,7 +4,14 @@ import torch
 
 from epiray.errors import StoreError
 from epiray.genome import Assembly
-from epiray.store import ROW_GROUP_BLOCKS, Store, decode_block, read_part_meta, write_part
+from epiray.store import (
+    ROW_GROUP_BLOCKS,
+    Store,
+    atomic_open,
+    decode_block,
+    read_part_meta,
+    write_part,
+)
 
 N = 100 * ROW_GROUP_BLOCKS * 3 + 37  # three and a bit row groups of 100-bin blocks
 
@@ -99,6 +106,18 @@ def test_damaged_part_is_an_error(tmp_path):
     )
     with pytest.raises(StoreError, match="fewer bins than expected"):
         s.read("asm", "chr1", ["e0"])
+
+
+def test_atomic_open_replaces_only_when_the_write_completes(tmp_path):
+    path = tmp_path / "sub" / "ckpt.pt"
+    with atomic_open(path) as f:
+        f.write(b"first")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_open(path) as f:
+            f.write(b"half of the sec")
+            raise RuntimeError("killed mid-write")
+    assert path.read_bytes() == b"first"  # the old file stands, no temporary is left
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]
 
 
 def test_write_is_atomic_and_meta_roundtrips(tmp_path):
