@@ -10,6 +10,7 @@ OUT/
                                                               biosample, assay, category, path
   chains/hsSyn1ToMmSyn1.over.chain.gz                         human (target) -> mouse (query)
   truth/truth.json, truth/<assembly>/<chrom>.npy              every (biosample, assay) pair
+  truth/<assembly>/<chrom>.clean.npy                          its noiseless signal (the floor)
   truth_alignment.npz                                         bin alignment implied by the chain
   synth.json                                                  params, seed, assemblies, counts
 ```
@@ -43,10 +44,12 @@ gives byte-identical manifests and truth arrays.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -111,6 +114,8 @@ _PER_PROGRAM = np.array([0.30, 0.30, 0.30, 0.15, 0.0, 0.0, 0.0])
 _REGULATORY = np.array([True, True, True, True, False, False, False])
 
 _NOISE_BP = 120  # correlation length of the noise (about a sequenced fragment)
+_CAP = 45.0  # saturation of the raw signal (cap · tanh(response / cap))
+_CLEAN_GRID = 257  # points of arcsinh(S) on which the noiseless signal is tabulated
 
 PROGRAMS = ("liver", "brain", "blood", "heart", "esc", "fibroblast")
 CATEGORIES = MANIFEST_CATEGORIES
@@ -1116,6 +1121,39 @@ def _smooth_noise(rng: np.random.Generator, shape0: int, n: int, step: int, sd: 
     return (vals[:, i] * (1 - f) + vals[:, i + 1] * f).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=4096)
+def _clean_curve(noise: float, bg: float) -> tuple[np.ndarray, np.ndarray]:
+    """``E[arcsinh(raw) | S]`` of one track as a function of its noiseless signal ``S``.
+
+    ``raw = S · exp(noise · z0 − noise² / 2) + bg · max(z1 + 0.3, 0)`` with ``z0, z1``
+    independent standard normals (:func:`_chrom_truth`'s noise model, per bin). The expectation
+    is a quadrature: Gauss–Hermite over ``z0``, and over ``z1`` a point mass at 0 (probability
+    ``Φ(−0.3)``) plus Gauss–Legendre on ``[−0.3, 8]``, on a grid of ``u = arcsinh(S)``.
+
+    Returns
+    -------
+    (u, f)
+        float64 ``[_CLEAN_GRID]``: the grid of ``arcsinh(S)`` over ``[0, arcsinh(_CAP)]`` and the
+        expectation at each point (interpolate linearly in ``u``).
+    """
+    u = np.linspace(0.0, float(np.arcsinh(_CAP)), _CLEAN_GRID)
+    if noise > 0:
+        x0, w0 = np.polynomial.hermite_e.hermegauss(24)
+        mult = np.exp(noise * x0 - noise**2 / 2)
+    else:
+        mult, w0 = np.ones(1), np.ones(1)
+    xl, wl = np.polynomial.legendre.leggauss(32)
+    a, b = -0.3, 8.0
+    z1 = (xl + 1) * (b - a) / 2 + a
+    pdf = np.exp(-0.5 * z1 * z1) / math.sqrt(2 * math.pi)
+    m1 = np.concatenate([[0.0], z1 + 0.3])
+    w1 = np.concatenate([[0.5 * math.erfc(0.3 / math.sqrt(2))], wl * (b - a) / 2 * pdf])
+    raw = np.sinh(u)[:, None, None] * mult[None, :, None] + bg * m1[None, None, :]
+    w = w0[:, None] * w1[None, :]
+    f = (np.arcsinh(raw) * w[None]).sum((1, 2)) / w.sum()
+    return u, f
+
+
 def _chrom_truth(
     seed: int,
     p: SynthParams,
@@ -1124,14 +1162,19 @@ def _chrom_truth(
     design: _Design,
     species: str,
     chrom: str,
-) -> np.ndarray:
-    """The truth of every (biosample, assay) pair on one chromosome.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The truth of every (biosample, assay) pair on one chromosome, and its noiseless signal.
 
     Returns
     -------
-    numpy.ndarray
-        ``truth_dtype`` [B, A, n_bins]: arcsinh of the raw per-bin signal, rounded to
-        ``truth_dtype``.
+    truth
+        ``truth_dtype`` [B, A, n_bins]: arcsinh of the raw per-bin signal (one draw of the
+        noise), rounded to ``truth_dtype``.
+    clean
+        ``truth_dtype`` [B, A, n_bins]: the noiseless signal on the same scale,
+        ``E[truth | latent structure]`` — what the best possible predictor would output, given
+        everything but the noise (:func:`_clean_curve`). ``mean((truth − clean)²)`` over a
+        track's bins is its noise floor: no imputation can have a lower expected MSE.
     """
     size = layout.chrom_sizes[species][chrom]
     bs = p.bin_size
@@ -1222,11 +1265,12 @@ def _chrom_truth(
     rng = _rng(seed, "modulation", species, chrom)
     locus = _smooth_noise(rng, 1, n, 160, 0.25)
     mod = np.exp(locus + _smooth_noise(rng, B, n, 400, 0.1))  # [B, n]
-    cap = np.float32(45.0)
+    cap = np.float32(_CAP)
     width = max(1, round(_NOISE_BP / bs))
     specs = p.assay_specs()
     dtype = np.dtype(p.truth_dtype)
     truth = np.empty((B, len(specs), n), dtype=dtype)
+    clean = np.empty((B, len(specs), n), dtype=dtype)
     for a, spec in enumerate(specs):  # a loop over assays, vectorised over biosamples x bins
         lam = np.zeros((B, n), dtype=np.float32)
         for name, amp in spec.terms:
@@ -1247,6 +1291,11 @@ def _chrom_truth(
         lam *= gain / cap
         np.tanh(lam, out=lam)
         lam *= cap
+        u = _asinh(lam.copy())  # arcsinh of the noiseless signal S
+        for b in range(B):
+            grid, f = _clean_curve(float(p.noise), float(bg_level[b, 0]))
+            clean[b, a, :] = np.interp(u[b], grid, f)
+        del u
         if p.noise > 0:
             mult = z[0]
             mult *= np.float32(p.noise)
@@ -1258,7 +1307,7 @@ def _chrom_truth(
         bg *= bg_level
         lam += bg
         truth[:, a, :] = _asinh(lam)
-    return truth
+    return truth, clean
 
 
 def _asinh(x: np.ndarray) -> np.ndarray:
@@ -1566,9 +1615,18 @@ def generate(
         (out / "truth" / asm).mkdir(exist_ok=True)
         chroms = {}
         for chrom in layout.chroms(sp):
-            t = _chrom_truth(seed, params, layout, bio, design, sp, chrom)
+            t, clean = _chrom_truth(seed, params, layout, bio, design, sp, chrom)
             _write_npy(out / "truth" / asm / f"{chrom}.npy", t)
-            chroms[chrom] = {"path": f"{asm}/{chrom}.npy", "n_bins": int(t.shape[2])}
+            _write_npy(out / "truth" / asm / f"{chrom}.clean.npy", clean)
+            diff = t.astype(np.float32) - clean.astype(np.float32)
+            chroms[chrom] = {
+                "path": f"{asm}/{chrom}.npy",
+                "clean_path": f"{asm}/{chrom}.clean.npy",
+                "n_bins": int(t.shape[2]),
+                # [B][A] mean squared noise: the MSE of the noiseless signal
+                "noise_floor": np.mean(diff.astype(np.float64) ** 2, axis=2).tolist(),
+            }
+            del diff, clean
             logger.debug("truth %s %s: %s", asm, chrom, t.shape)
         n_bins[sp] = sum(c["n_bins"] for c in chroms.values())
         obs = design.observed[sp]
@@ -1686,6 +1744,7 @@ def read_truth(
     *,
     mmap: bool = True,
     truth_index: dict | None = None,
+    clean: bool = False,
 ) -> np.ndarray:
     """Ground truth on the arcsinh scale for one chromosome of one species.
 
@@ -1703,6 +1762,9 @@ def read_truth(
         Memory-map the array instead of reading it.
     truth_index
         An already-read :func:`read_truth_index` (saves re-reading it).
+    clean
+        Read the noiseless signal instead (``E[truth | latent structure]``, the prediction
+        that reaches the noise floor) of the one noisy draw the tracks hold.
 
     Returns
     -------
@@ -1727,9 +1789,13 @@ def read_truth(
             f"{where}: chromosome {chrom!r} not in {entry['assembly']}; expected one of "
             f"{list(entry['chroms'])}."
         )
-    arr = np.load(
-        Path(out) / "truth" / entry["chroms"][chrom]["path"], mmap_mode="r" if mmap else None
-    )
+    rel = entry["chroms"][chrom].get("clean_path" if clean else "path")
+    if rel is None:
+        raise InputDataError(
+            f"{where}: no noiseless signal for {chrom!r}; expected a compendium written by "
+            "this epiray version. Regenerate it with `epiray synth --overwrite`."
+        )
+    arr = np.load(Path(out) / "truth" / rel, mmap_mode="r" if mmap else None)
     if biosample is None and assay is None:
         return arr
     for name, value, options in (
@@ -1741,6 +1807,35 @@ def read_truth(
                 f"{where}: {name} {value!r} not in {species}; expected one of {options}."
             )
     return arr[entry["biosamples"].index(biosample), entry["assays"].index(assay)]
+
+
+def noise_floor(
+    out: str | Path,
+    species: str,
+    chrom: str,
+    biosample: str,
+    assay: str,
+    *,
+    truth_index: dict | None = None,
+) -> float:
+    """The noise floor of one track on one chromosome: ``mean((truth − clean)²)`` over its
+    bins, the lowest expected MSE any imputation of it can reach (arcsinh scale).
+
+    Raises
+    ------
+    InputDataError
+        Unknown species, chromosome, biosample or assay, or a compendium without the floor.
+    """
+    index = truth_index or read_truth_index(out)
+    read_truth(out, species, chrom, biosample, assay, truth_index=index)  # checks the names
+    entry = index["species"][species]
+    floor = entry["chroms"][chrom].get("noise_floor")
+    if floor is None:
+        raise InputDataError(
+            f"synthetic truth {out}: no noise floor for {chrom!r}; expected a compendium "
+            "written by this epiray version. Regenerate it with `epiray synth --overwrite`."
+        )
+    return float(floor[entry["biosamples"].index(biosample)][entry["assays"].index(assay)])
 
 
 def read_truth_alignment(out: str | Path, chrom: str) -> dict[str, np.ndarray]:

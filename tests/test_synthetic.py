@@ -449,3 +449,39 @@ def test_default_generate(tmp_path):
     assert res.counts["duplicated_fragments"] > 0
     # about 40% of mouse bins align to human, as for hg38/mm10
     assert 0.2 < res.counts["aligned_mouse_bins"] / res.counts["bins"]["mouse"] < 0.6
+
+
+# ------------------------------------------------------------------------------ noise floor
+def test_clean_curve_is_the_expected_noisy_value():
+    """The noiseless signal is E[arcsinh(raw) | S]: checked against a Monte-Carlo average of
+    the generator's noise model."""
+    rng = np.random.default_rng(0)
+    for noise, bg in [(0.3, 0.3), (0.8, 0.05)]:
+        u, f = S._clean_curve(noise, bg)
+        for signal in (0.0, 2.0, 30.0):
+            z0, z1 = rng.standard_normal((2, 1_000_000))
+            raw = signal * np.exp(noise * z0 - noise**2 / 2) + bg * np.maximum(z1 + 0.3, 0)
+            mc = np.arcsinh(raw)
+            se = mc.std() / np.sqrt(mc.size)
+            assert abs(np.interp(np.arcsinh(signal), u, f) - mc.mean()) < 4 * se + 1e-4
+
+
+def test_noise_floor_is_the_best_any_prediction_does(tiny):
+    index = S.read_truth_index(tiny.out)
+    mouse = index["species"]["mouse"]
+    chrom = next(iter(mouse["chroms"]))
+    truth = S.read_truth(tiny.out, "mouse", chrom, mmap=False).astype(np.float64)
+    clean = S.read_truth(tiny.out, "mouse", chrom, clean=True, mmap=False).astype(np.float64)
+    assert truth.shape == clean.shape
+    b, a = mouse["biosamples"][1], mouse["assays"][0]
+    bi, ai = 1, 0
+    floor = S.noise_floor(tiny.out, "mouse", chrom, b, a, truth_index=index)
+    assert floor == pytest.approx(np.mean((truth[bi, ai] - clean[bi, ai]) ** 2), rel=1e-5)
+    assert floor > 0
+    # the clean signal beats shrunk or shifted versions of itself, and the truth's own mean
+    for other in (0.9 * clean[bi, ai], clean[bi, ai] + 0.05, np.full_like(clean[bi, ai], 1.0)):
+        assert np.mean((truth[bi, ai] - other) ** 2) > floor
+    # residuals have no bias: the clean signal is the conditional mean
+    assert abs(np.mean(truth - clean)) < 0.01
+    with pytest.raises(InputDataError, match="assay 'nope' not in mouse"):
+        S.noise_floor(tiny.out, "mouse", chrom, b, "nope")
