@@ -26,6 +26,10 @@ order of the table):
 * :func:`leave_one_out_folds` -- one fold per target-species experiment.
 * :func:`manifest_folds` -- explicit folds from the table's ``fold`` column.
 
+Inside the training experiments, :func:`heldout_blocks` picks validation *cells*: random
+genomic blocks of every training track, never trained on, used for early stopping and model
+selection (the default of ``epiray train``), so no experiment is withheld whole.
+
 :meth:`Folds.to_json` / :meth:`Folds.from_json` and :meth:`Folds.to_frame` /
 :meth:`Folds.from_frame` save the folds with a run and load them back.
 """
@@ -37,6 +41,7 @@ import math
 import os
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +60,8 @@ __all__ = [
     "Fold",
     "Folds",
     "experiment_folds",
+    "heldout_blocks",
+    "heldout_fraction",
     "leave_one_out_folds",
     "manifest_folds",
     "predictd_folds",
@@ -885,3 +892,82 @@ def manifest_folds(table: pd.DataFrame) -> Folds:
         for f in used
     )
     return Folds(kind="manifest", folds=folds, params={"folds": used})
+
+
+# ------------------------------------------------------------------------- validation cells
+def heldout_fraction(n_tracks: int, n_bins: int, fraction: float, max_cells: int) -> float:
+    """Share of every training track's blocks held out for validation on one chromosome:
+    ``fraction``, lowered so that about ``max_cells`` cells are held out in all (a validation
+    pass then stays cheap next to an epoch on a whole compendium).
+
+    Parameters
+    ----------
+    n_tracks, n_bins
+        Training tracks and bins of the chromosome (all workers together).
+    fraction
+        The share wanted, in ``[0, 1)``.
+    max_cells
+        Upper bound on held-out cells.
+    """
+    cells = max(1, n_tracks * n_bins)
+    return min(fraction, max_cells / cells)
+
+
+def heldout_blocks(
+    experiments: Sequence[str],
+    chrom: str,
+    n_bins: int,
+    lo: int,
+    hi: int,
+    fraction: float,
+    block_bins: int = 200,
+    seed: int = 0,
+) -> np.ndarray:
+    """The validation blocks of training tracks on the bins ``[lo, hi)`` of a chromosome.
+
+    Each block of ``block_bins`` bins (global: block ``j`` is bins ``[j·block_bins,
+    (j+1)·block_bins)``) of each experiment is held out with probability ``fraction``, drawn
+    from a generator keyed by (``seed``, experiment, chromosome) — so the draw of a track does
+    not depend on the other tracks, on their order or on how the chromosome is sharded, and
+    different tracks hold out different places (every bin keeps its other tracks).
+
+    Parameters
+    ----------
+    experiments
+        Training experiment ids, in the order of the slab's tracks.
+    chrom, n_bins
+        The chromosome and its bins.
+    lo, hi
+        The worker's bins.
+    fraction
+        Probability that a block is held out (:func:`heldout_fraction`).
+    block_bins
+        Bins per block (200 = 5 kbp, Avocado's coarsest scale).
+    seed
+        Seed of the draw.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool ``[len(experiments), (hi - 1) // block_bins - lo // block_bins + 1]``: True where
+        the block is held out (the ``heldout`` mask of :class:`~epiray.models.ChromData`).
+
+    Raises
+    ------
+    ConfigError
+        ``fraction`` outside ``[0, 0.5]`` or ``block_bins`` < 1.
+    """
+    if not 0.0 <= fraction <= 0.5 or block_bins < 1:
+        raise ConfigError(
+            f"validation blocks of {chrom}: fraction {fraction} and block_bins {block_bins}; "
+            "expected 0 <= fraction <= 0.5 and block_bins >= 1. Fix the validation section."
+        )
+    k = block_bins
+    b0, b1 = lo // k, (hi - 1) // k + 1
+    n_blocks = -(-n_bins // k)
+    out = np.zeros((len(experiments), b1 - b0), dtype=bool)
+    key_chrom = zlib.crc32(chrom.encode())
+    for i, e in enumerate(experiments):
+        rng = np.random.default_rng([seed, zlib.crc32(str(e).encode()), key_chrom])
+        out[i] = rng.random(n_blocks)[b0:b1] < fraction
+    return out

@@ -124,6 +124,9 @@ def load_chrom_data(
     aux: Aux | None = None,
     device: torch.device | str = "cpu",
     value_dtype: torch.dtype = torch.float32,
+    heldout_fraction: float = 0.0,
+    heldout_block: int = 200,
+    heldout_seed: int = 0,
 ) -> ChromData:
     """Read a worker's slab from the store straight into device tensors.
 
@@ -145,6 +148,10 @@ def load_chrom_data(
         contiguous row range), with ``aux_pos`` = distinct other-species positions.
     device, value_dtype
         Where the tensors live and the dtype of the values (float16 halves the memory).
+    heldout_fraction, heldout_block, heldout_seed
+        Validation cells: with a fraction > 0, blocks of ``heldout_block`` bins of every
+        training track are held out with that probability
+        (:func:`epiray.folds.heldout_blocks`; ``ChromData.heldout``).
 
     Returns
     -------
@@ -194,6 +201,13 @@ def load_chrom_data(
             aux_assay=idx(aux.experiments, "assay"),
         )
         del uniq
+    if heldout_fraction > 0:
+        from epiray.folds import heldout_blocks
+
+        mask = heldout_blocks(
+            list(train), chrom, n_bins, lo, hi, heldout_fraction, heldout_block, heldout_seed
+        )
+        kw.update(heldout=torch.from_numpy(mask).to(device), heldout_block=heldout_block)
     return ChromData(
         chrom=chrom,
         lo=lo,

@@ -599,7 +599,10 @@ def _trainable(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     where = f"sweep {ctx['name']} trial {trial_id} ({config['cell']})"
     cfg = apply_overrides(TrainConfig.model_validate(ctx["train"]), cell["overrides"], where)
-    cfg = apply_overrides(cfg, {**search, "out": ctx["runs_dir"]}, where)
+    # ASHA decides at rungs counted in epochs: every epoch's result must reach Tune
+    cfg = apply_overrides(
+        cfg, {**search, "out": ctx["runs_dir"], "train.report_seconds": 0.0}, where
+    )
     _, specs = plan_runs(cfg)
     if len(specs) != 1:  # plan_cells pinned one chromosome and one fold
         raise EpirayError(f"{where}: {len(specs)} runs planned; expected 1.")

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +32,21 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from epiray.config import Section, dump_config
 from epiray.errors import ConfigError, EpirayError, StoreError
 from epiray.evaluate import AVERAGE_ACTIVITY
+from epiray.folds import heldout_fraction
 from epiray.loader import Aux, load_chrom_data, shard_bounds, slab_size
-from epiray.loop import LoopParams, fit, load_checkpoint, save_checkpoint, seed_everything
+from epiray.loop import (
+    LoopParams,
+    TrainState,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
 from epiray.models import ChromData, SlabSize, Vocabulary, get_model
 from epiray.store import Store, atomic_write_text
 from epiray.tracking import TrackingConfig
@@ -69,15 +78,39 @@ class FoldSection(Section):
 
 
 class ValidationSection(Section):
-    """``validation``: held-out training tracks for early stopping and best-epoch selection.
+    """``validation``: what early stopping and best-epoch selection are measured on.
 
-    ``per_assay`` target-species training experiments of every assay that keeps at least
-    ``min_train`` training experiments are moved to validation (deterministically by seed).
-    Validation experiments given by the fold (PREDICTD) are always used.
+    ``scheme``
+        ``cells`` (the default): random blocks of ``block_bins`` bins of every target-species
+        training track — a ``fraction`` of them, at most ``max_cells`` cells per chromosome —
+        are never trained on and are predicted after every epoch, as unobserved tracks would
+        be. No experiment is withheld whole: every track still trains on the rest of the
+        chromosome, and every bin keeps its other tracks. ``experiments``: ``per_assay`` whole
+        training experiments of every assay that keeps at least ``min_train`` are moved to
+        validation (deterministically by ``seed``) and never trained on. ``none``: no
+        validation; training runs ``train.epochs``.
+    ``refit``
+        After training with validation, train a fresh model on every cell (validation cells
+        included) for the number of epochs validation chose, and keep that one.
+    Validation experiments given by the fold (PREDICTD) are always scored as well.
     """
 
-    per_assay: int = Field(0, ge=0)
+    scheme: Literal["cells", "experiments", "none"] = "cells"
+    fraction: float = Field(0.05, gt=0.0, le=0.5)
+    block_bins: int = Field(200, ge=1)
+    max_cells: int = Field(500_000, ge=1)
+    seed: int = 0
+    per_assay: int = Field(1, ge=0)
     min_train: int = Field(2, ge=1)
+    refit: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_assay_means_experiments(cls, v: Any) -> Any:
+        # `validation: {per_assay: N}` (the earlier form, no scheme) keeps its meaning
+        if isinstance(v, dict) and "per_assay" in v and "scheme" not in v:
+            v = {**v, "scheme": "experiments" if v["per_assay"] else "none"}
+        return v
 
 
 class ScalingSection(Section):
@@ -90,6 +123,10 @@ class ScalingSection(Section):
     #: (:data:`epiray.runtime.REUSE_MALLOC_TUNABLES`, +12 % samples/s on CPU); ``system``:
     #: the C library's defaults. GPU workers always keep the defaults.
     cpu_malloc: Literal["reuse", "system"] = "reuse"
+    #: torch threads of a CPU worker; ``auto``: the node's cores (those the process may run
+    #: on) shared by the run's workers on that node. Ray's own default, one thread per
+    #: reserved CPU, would leave a laptop's second core idle with one worker.
+    threads_per_worker: int | Literal["auto"] = "auto"
 
 
 class TrainConfig(Section):
@@ -161,6 +198,9 @@ class RunSpec:
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    holdout: dict[str, Any] | None = None
+    refit: bool = False
+    threads: int | None = None
 
 
 def experiment_table(store: Store) -> pd.DataFrame:
@@ -257,8 +297,17 @@ def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
             tgt = in_scope[in_scope["assembly"] == cfg.assembly]
             train = [e for e in tgt["experiment"] if role[e] == "train"]
             validate = [e for e in tgt["experiment"] if role[e] == "validate"]
-            train, extra_val = _pick_validation(tgt, train, cfg.validation, rng_seed)
-            validate += extra_val
+            holdout = None
+            if cfg.validation.scheme == "experiments":
+                train, extra_val = _pick_validation(tgt, train, cfg.validation, rng_seed)
+                validate += extra_val
+            elif cfg.validation.scheme == "cells":
+                v = cfg.validation
+                holdout = {
+                    "fraction": heldout_fraction(len(train), nb, v.fraction, v.max_cells),
+                    "block_bins": v.block_bins,
+                    "seed": v.seed,
+                }
             aux = (
                 [
                     e
@@ -294,6 +343,11 @@ def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
                     out_dir=str(Path(storage_path(cfg)) / name),
                     store_hash=store.store_hash,
                     label=cfg.label,
+                    holdout=holdout,
+                    refit=cfg.validation.refit and (holdout is not None or bool(validate)),
+                    threads=None
+                    if cfg.scaling.threads_per_worker == "auto"
+                    else cfg.scaling.threads_per_worker,
                 )
             )
     return store, specs
@@ -386,7 +440,10 @@ def worker_memory(
         aux=Aux(spec.aux_name, spec.aux) if spec.aux_name and spec.aux else None,
         value_dtype=torch.float16 if spec.value_dtype == "float16" else torch.float32,
     )
-    batch = LoopParams.model_validate(spec.loop).batch_size
+    loop = LoopParams.model_validate(spec.loop)
+    batch = loop.batch_size
+    if batch == "auto":  # the largest auto may choose: an upper bound of the step's memory
+        batch = loop.max_batch_size or klass.max_batch_size
     params = klass.Params.model_validate(spec.params)
     return size, klass.memory_estimate(params, Vocabulary.from_dict(spec.vocab), size, batch)
 
@@ -417,12 +474,79 @@ def memory_plan(cfg: TrainConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def wants_checkpoint(state, params: LoopParams) -> bool:
+def wants_checkpoint(state, params: LoopParams, since: float = math.inf) -> bool:
     """Whether the per-epoch report after ``state.epoch`` carries a checkpoint: every
-    ``params.checkpoint_every`` epochs, except after the run's last epoch, whose final report
+    ``params.checkpoint_every`` epochs (``auto``: once ``params.checkpoint_seconds`` have
+    passed ``since`` the last one), except after the run's last epoch, whose final report
     (always checkpointed) follows at once, so the chromosome's factors are not written twice."""
     last = state.stopped or state.epoch >= params.epochs
-    return not last and state.epoch % params.checkpoint_every == 0
+    if last:
+        return False
+    if params.checkpoint_every == "auto":
+        return since >= params.checkpoint_seconds
+    return state.epoch % params.checkpoint_every == 0
+
+
+def _agreed_seconds(seconds: float) -> float:
+    """The longest of the workers' ``seconds`` (one all-reduce when distributed), so every
+    worker takes the same time-based checkpoint decision."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+    return seconds
+
+
+def regime_tags(state, loop_params: LoopParams) -> dict[str, str]:
+    """MLflow tags of a run's training regime (:func:`epiray.loop.regime`) and, once it has
+    ended, whether it may be undertrained: too few steps allowed, or validation still
+    improving at the last epoch."""
+    reg = state.regime or {}
+    tags = {
+        f"epiray.regime.{k}": str(reg[k])
+        for k in ("batch_size", "steps_per_epoch", "max_steps", "epoch_examples")
+        if k in reg
+    }
+    reasons = [reg["warning"]] if reg.get("warning") else []
+    finished = state.stopped or state.epoch >= loop_params.epochs
+    if (
+        finished
+        and not state.stopped
+        and state.best_epoch == state.epoch
+        and state.epoch > 1
+        and np.isfinite(state.best_val)
+    ):
+        reasons.append(
+            f"validation still improving at the last epoch ({state.epoch}); raise train.epochs"
+        )
+    tags["epiray.undertrained"] = "; ".join(reasons) if reasons else "no"
+    return tags
+
+
+def quiet_ray_train() -> None:
+    """Silence Ray Train's per-report INFO lines in this process (epiray logs one line per
+    epoch itself); its warnings and errors still show."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Ray Train v2 logs each report through a logger named after its file
+        from ray.train.v2._internal.execution import context as _context
+
+        _context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
+
+
+def worker_threads(local_workers: int) -> int:
+    """torch threads for one of ``local_workers`` CPU workers on this node: the cores this
+    process may run on, shared evenly (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_workers))
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -434,9 +558,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # one line per epoch from rank 0; Ray Train's own per-report lines are noise here
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    logging.getLogger("epiray").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    quiet_ray_train()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(spec.threads or worker_threads(ctx.get_local_world_size()))
+    logging.getLogger("epiray").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     store = Store.open(spec.store)
     vocab = Vocabulary.from_dict(spec.vocab)
     n_bins = store.n_bins(spec.assembly, spec.chrom)
@@ -449,6 +575,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if memory is not None:
         check_worker_memory(memory, device, f"train {spec.label} {spec.chrom}", world)
         log.info("rank %d: %s", rank, describe_memory(memory, size))
+    hold = spec.holdout or {}
     data = load_chrom_data(
         store,
         spec.assembly,
@@ -461,7 +588,26 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         aux=aux,
         device=device,
         value_dtype=value_dtype,
+        heldout_fraction=hold.get("fraction", 0.0),
+        heldout_block=hold.get("block_bins", 200),
+        heldout_seed=hold.get("seed", 0),
     )
+    if rank == 0 and data.heldout is not None:
+        log.info(
+            "validation: %d cells of the %d training tracks held out on this worker's bins "
+            "(blocks of %d bins, %.2f%% of them)",
+            data.n_heldout_cells,
+            data.n_experiments,
+            data.heldout_block,
+            100 * hold.get("fraction", 0.0),
+        )
+
+    def fresh_model():
+        # seeded initialisation: the same config trains the same model (dense parameters are
+        # then broadcast from rank 0; each rank's own rows get their own stream)
+        seed_everything(loop_params.seed + 7919 * rank)
+        return klass.build(klass.Params.model_validate(spec.params), vocab, data)
+
     ckpt = ray.train.get_checkpoint()
     state = None
     if ckpt is not None:
@@ -471,10 +617,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             )
         log.info("rank %d resumes %s after epoch %d", rank, spec.label, state.epoch)
     else:
-        # seeded initialisation: the same config trains the same model (dense parameters are
-        # then broadcast from rank 0; each rank's own rows get their own stream)
-        seed_everything(loop_params.seed + 7919 * rank)
-        model = klass.build(klass.Params.model_validate(spec.params), vocab, data)
+        model = fresh_model()
 
     run = None
     if rank == 0 and spec.mlflow_run_id:
@@ -491,8 +634,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if memory is not None:
             tags["epiray.memory_per_worker_gib"] = f"{memory['total'] / 2**30:.3f}"
             tags["epiray.memory_per_worker"] = describe_memory(memory, size)
+        if data.heldout is not None:
+            tags["epiray.validation_cells_rank0"] = str(data.n_heldout_cells)
         run.set_tags(tags)
     shards = [list(shard_bounds(n_bins, world, r)) for r in range(world)]
+    selection: dict[str, Any] = {}  # phase 1's outcome, kept in the refit's checkpoints
 
     def save(d: Path, state, final: bool) -> None:
         save_checkpoint(d / f"rank{rank}.pt", model, state)
@@ -515,43 +661,107 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 "aux_name": spec.aux_name,
                 "aux": spec.aux,
                 "value_dtype": spec.value_dtype,
+                "holdout": spec.holdout,
+                "phase": state.phase,
                 "epoch": state.epoch,
                 "final": final,
                 "best_epoch": state.best_epoch,
+                "regime": state.regime,
                 "history": [
                     {k: v for k, v in h.items() if not isinstance(v, list)} for h in state.history
                 ],
+                **selection,
             }
             (d / META).write_text(json.dumps(meta, indent=1))
 
-    def report(state, metrics: dict[str, Any], final: bool = False) -> None:
+    clock = {"last": time.perf_counter(), "reported": time.perf_counter(), "tagged": False}
+
+    def report(state, metrics: dict[str, Any], final: bool = False, tag: str = "") -> None:
+        params = loop_params if state.phase == "fit" else refit_params(state)
         clean = {
             k: float(v)
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and v is not None
         }
         clean["final"] = float(final)
-        if run is not None and not final:
-            run.log_epoch(
-                int(metrics["epoch"]),
-                train={"mse": metrics["train_mse"], "examples_per_s": metrics["examples_per_s"]},
-                val={"mse": metrics["val_mse"]} if metrics.get("val_mse") is not None else None,
-            )
-        if not final and not wants_checkpoint(state, loop_params):
-            ray.train.report(clean)
+        clean["refit"] = float(state.phase == "refit")
+        offset = selection.get("selection_epochs", 0)
+        if run is not None and not clock["tagged"] and state.regime:
+            run.set_tags(regime_tags(state, params) | {"epiray.undertrained": "pending"})
+            clock["tagged"] = True
+        if run is not None and not final and not tag:
+            if state.phase == "fit":
+                run.log_epoch(
+                    int(metrics["epoch"]),
+                    train={
+                        "mse": metrics["train_mse"],
+                        "examples_per_s": metrics["examples_per_s"],
+                    },
+                    val={"mse": metrics["val_mse"]}
+                    if metrics.get("val_mse") is not None
+                    else None,
+                )
+            else:
+                step = offset + state.epoch
+                run.log_metrics({"refit/train_mse": metrics["train_mse"]}, step=step)
+        now = time.perf_counter()
+        since, since_report = (
+            _agreed_seconds(x) for x in (now - clock["last"], now - clock["reported"])
+        )
+        if not final and not tag and not wants_checkpoint(state, params, since):
+            # Ray Train's controller takes one report per poll (2 s): reporting every short
+            # epoch would make every epoch last that long. Tune's ASHA counts epochs.
+            if since_report >= params.report_seconds:
+                ray.train.report(clean)
+                clock["reported"] = time.perf_counter()
             return
+        clock["last"] = clock["reported"] = time.perf_counter()
+        name = f"epoch{offset + state.epoch:04d}{'_final' if final else tag}"
         with tempfile.TemporaryDirectory() as d:
             save(Path(d), state, final)
             ray.train.report(
-                clean,
-                checkpoint=ray.train.Checkpoint.from_directory(d),
-                checkpoint_dir_name=f"epoch{state.epoch:04d}{'_final' if final else ''}",
+                clean, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name
             )
 
-    if state is None or not (state.stopped or state.epoch >= loop_params.epochs):
+    def refit_params(state) -> LoopParams:
+        return loop_params.model_copy(
+            update={"epochs": state.selected_epochs, "patience": None, "restore_best": False}
+        )
+
+    def done(state, params) -> bool:
+        return state.stopped or state.epoch >= params.epochs
+
+    # phase 1: train with validation (or without, for train.epochs)
+    if state is None or (state.phase == "fit" and not done(state, loop_params)):
         state = fit(model, data, loop_params, callback=report, start_state=state)
-    elif loop_params.restore_best and state.best_state is not None:
+    elif state.phase == "fit" and loop_params.restore_best and state.best_state is not None:
         model.load_state_dict(state.best_state)
+    if state.phase == "fit" and spec.refit:
+        # phase 2: a fresh model on every cell for the epochs validation chose
+        chosen = state.best_epoch or state.epoch
+        selection.update(
+            selection_epochs=state.epoch,
+            selected_epochs=chosen,
+            best_val_mse=state.best_val if np.isfinite(state.best_val) else None,
+            selection_history=[
+                {k: v for k, v in h.items() if not isinstance(v, list)} for h in state.history
+            ],
+        )
+        if run is not None:
+            run.set_tags(regime_tags(state, loop_params) | {"epiray.refit_epochs": str(chosen)})
+        report(state, dict(state.history[-1]) if state.history else {}, tag="_selected")
+        log.info("refit: training a fresh model on every cell for %d epochs", chosen)
+        state = TrainState(phase="refit", selected_epochs=chosen)
+    if state.phase == "refit":
+        selection.setdefault("selected_epochs", state.selected_epochs)
+        data.heldout = None
+        if state.epoch == 0:
+            model = fresh_model()
+        if not done(state, refit_params(state)):
+            state = fit(model, data, refit_params(state), callback=report, start_state=state)
+    final_params = loop_params if state.phase == "fit" else refit_params(state)
+    if run is not None:
+        run.set_tags(regime_tags(state, final_params))
     last = dict(state.history[-1]) if state.history else {"epoch": state.epoch}
     report(
         state,
@@ -562,6 +772,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         },
         final=True,
     )
+    data.heldout = None  # imputations use every observed cell
 
     # predictions of the held-out experiments on this worker's bins
     out = Path(spec.out_dir) / "predictions"

@@ -288,3 +288,29 @@ def test_predictd_partial_and_bad_tables(splits: dict):
         F.predictd_folds(dup, splits)
     with pytest.raises(InputDataError, match=r"expected exactly \['test', 'train', 'val'\]"):
         F.predictd_folds(dup, {"train": [], "test": []})
+
+
+# ------------------------------------------------------------------------- validation cells
+def test_heldout_blocks_do_not_depend_on_sharding_or_order():
+    exps = [f"mm.B{i}.H3K4me3" for i in range(6)]
+    whole = F.heldout_blocks(exps, "chr1", 100_000, 0, 100_000, 0.1, 200, seed=3)
+    assert whole.shape == (6, 500)
+    assert 0.05 < whole.mean() < 0.15
+    assert len({r.tobytes() for r in whole}) == 6  # every track its own blocks
+    # two workers' shards (on 5 kbp multiples) give the same blocks
+    left = F.heldout_blocks(exps, "chr1", 100_000, 0, 40_000, 0.1, 200, seed=3)
+    right = F.heldout_blocks(exps, "chr1", 100_000, 40_000, 100_000, 0.1, 200, seed=3)
+    assert np.array_equal(np.concatenate([left, right], 1), whole)
+    # a track's blocks do not depend on the other tracks, their order or the chromosome's
+    alone = F.heldout_blocks(exps[3:4], "chr1", 100_000, 0, 100_000, 0.1, 200, seed=3)
+    assert np.array_equal(alone[0], whole[3])
+    other = F.heldout_blocks(exps, "chr2", 100_000, 0, 100_000, 0.1, 200, seed=3)
+    assert not np.array_equal(other, whole)
+    with pytest.raises(ConfigError, match="fraction 0.9"):
+        F.heldout_blocks(exps, "chr1", 1000, 0, 1000, 0.9)
+
+
+def test_heldout_fraction_bounds_the_cells():
+    assert F.heldout_fraction(30, 25_000, 0.05, 500_000) == 0.05
+    f = F.heldout_fraction(1145, 7_800_000, 0.05, 500_000)
+    assert f * 1145 * 7_800_000 == pytest.approx(500_000)

@@ -297,3 +297,129 @@ def test_two_gloo_workers_reach_single_process_quality(tmp_path):
     np.testing.assert_array_equal(dense0, dense1)  # dense parameters stay in sync
     assert single.best_val < 0.5 * aa_mse
     assert val0 < 0.5 * aa_mse and val0 < 1.5 * single.best_val, (val0, single.best_val, aa_mse)
+
+
+# ------------------------------------------------------------------ regime and validation cells
+class _Sized:
+    """The parts of a model :func:`epiray.loop.regime` reads."""
+
+    name = "sized"
+    max_batch_size = 40_000
+
+    def __init__(self, per_bin: int = 1) -> None:
+        self.per_bin = per_bin
+
+    def epoch_examples(self, data):
+        return data.n_local * self.per_bin
+
+    def steps_per_epoch(self, data, batch_size):
+        return -(-self.epoch_examples(data) // batch_size)
+
+
+def _slab(n_bins: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(n_local=n_bins, chrom="chrT", lo=0, hi=n_bins, n_experiments=30)
+
+
+def test_auto_batch_gives_every_slab_enough_steps():
+    from epiray.loop import regime
+
+    p = LoopParams(epochs=100)  # batch_size: auto, 64 steps per epoch
+    small, large = regime(p, _Sized(), _slab(25_000)), regime(p, _Sized(), _slab(7_800_000))
+    assert small.batch_size == 391 and small.steps_per_epoch == 64
+    assert large.batch_size == 40_000 and large.steps_per_epoch == 195  # the paper's batch caps
+    assert small.warning is None and large.warning is None
+    assert regime(p, _Sized(per_bin=8), _slab(25_000)).batch_size == 3125  # eDICE: 8 per bin
+    # the original package's batch on the small worker: one step per epoch, warned
+    paper = regime(LoopParams(epochs=30, batch_size=40_000), _Sized(), _slab(25_000))
+    assert paper.steps_per_epoch == 1 and paper.max_steps == 30
+    assert "at most 30 optimiser steps" in paper.warning and "batch_size: auto" in paper.warning
+    tiny = regime(LoopParams(epochs=5), _Sized(), _slab(1000))
+    assert tiny.batch_size == 256 and "Raise train.steps_per_epoch" in tiny.warning
+
+
+def test_fit_uses_the_auto_batch_and_logs_the_regime(caplog):
+    _, vocab, data = problem(n=4000)
+    torch.manual_seed(0)
+    model = Avocado.build(TINY, vocab, data)
+    with caplog.at_level("INFO", logger="epiray.loop"):
+        state = fit(model, data, LoopParams(epochs=2, patience=None, min_steps=10))
+    assert state.regime["batch_size"] == 256 and state.regime["steps_per_epoch"] == 16
+    assert state.history[0]["examples"] == 4000
+    assert "batch 256, 16 steps per epoch" in caplog.text
+    assert "epoch 2/2: train" in caplog.text
+
+
+def _cells_problem(n=2000, fraction=0.2):
+    from epiray.folds import heldout_blocks
+
+    t, vocab, data = problem(n=n)
+    train = [(b, a) for b in range(5) for a in range(4) if (b, a) not in TEST]
+    mask = heldout_blocks([f"e{b}{a}" for b, a in train], "chrT", n, 0, n, fraction, 100)
+    data.heldout = torch.from_numpy(mask)
+    data.heldout_block = 100
+    data.val_values = data.val_biosample = data.val_assay = None
+    return t, vocab, data
+
+
+def test_validation_cells_are_never_trained_on():
+    """Changing the values of the held-out cells changes neither a batch's loss nor its
+    gradients: they are there with weight 0."""
+    _, vocab, data = _cells_problem()
+    torch.manual_seed(0)
+    model = Avocado.build(TINY, vocab, data)
+    gen = torch.Generator().manual_seed(1)
+    batch = next(iter(model.batches(data, gen, 500)))
+    held = data.is_heldout(batch.tensors["pair"], batch.tensors["bin"])
+    assert held.any() and not held.all()
+    assert torch.equal(batch.tensors["w"], (~held).float())
+    loss = model.loss(batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.hidden.parameters()]
+    model.zero_grad()
+    batch.tensors["y"] = torch.where(held, batch.tensors["y"] + 100.0, batch.tensors["y"])
+    loss2 = model.loss(batch)
+    loss2.backward()
+    assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
+    for g, p in zip(grads, model.hidden.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_validate_scores_every_held_out_cell():
+    from epiray.loop import validate
+
+    _, vocab, data = _cells_problem()
+    torch.manual_seed(0)
+    model = Avocado.build(TINY, vocab, data)
+    track, bins = data.heldout_cells()
+    assert len(track) == data.n_heldout_cells > 0
+    want = 0.0
+    for t in torch.unique(track).tolist():
+        full = model.predict(data, int(data.biosample[t]), int(data.assay[t]))
+        sel = bins[track == t]
+        want += float(((full[sel] - data.values[t, sel].float()) ** 2).sum())
+    out = validate(model, data, LoopParams(autocast="off"))
+    assert out["val_cells"] == len(track)
+    assert out["val_mse"] == pytest.approx(want / len(track), rel=1e-5)
+    assert "val_mse_tracks" not in out
+
+
+def test_plateau_schedule_lowers_the_rate_on_plateaus():
+    _, vocab, data = _cells_problem(n=1000)
+    torch.manual_seed(0)
+    model = Avocado.build(TINY, vocab, data)
+    rates = []
+    params = LoopParams(
+        epochs=9,
+        lr=1e-9,  # nothing improves after the first epoch
+        min_delta=1.0,
+        patience=None,
+        lr_schedule="plateau",
+        plateau_patience=2,
+        autocast="off",
+        min_steps=1,
+    )
+    state = fit(model, data, params, callback=lambda s, m: rates.append(m["lr"]))
+    assert state.lr_drops == 4
+    assert rates == pytest.approx([1e-9] * 3 + [5e-10] * 2 + [2.5e-10] * 2 + [1.25e-10] * 2)

@@ -503,3 +503,53 @@ def test_trains_through_the_loop_and_checkpoints(tmp_path):
     again, _ = load_checkpoint(path, data)
     assert isinstance(again, EDice)
     torch.testing.assert_close(again.predict(data, 0, 1), model.predict(data, 0, 1))
+
+
+# -- validation cells and the CPU dropout -----------------------------------------------------
+
+
+def test_validation_cells_are_neither_support_nor_targets():
+    y = low_rank(4, 3, 400)
+    pairs = [(i, j) for i in range(4) for j in range(3)]
+    data = make_data(y, pairs, heldout=np.zeros((len(pairs), 4), bool), heldout_block=100)
+    data.heldout[2, 1] = True  # track 2, bins 100-199
+    data.heldout[5, 3] = True  # track 5, bins 300-399
+    data.values[2, 100:200] = 1e4  # a sentinel no input or target may carry
+    data.values[5, 300:400] = 1e4
+    model = EDice.build(EDiceParams(**SMALL, n_targets=4), grid_vocab(4, 3), data)
+    gen = torch.Generator().manual_seed(0)
+    n_batches = 0
+    for batch in model.batches(data, gen, 64 * 4):
+        t = batch.tensors
+        sentinel = t["values"] == 1e4
+        assert not (sentinel & t["support"]).any()
+        targets = torch.gather(t["values"], 1, t["target"])
+        assert not ((targets == 1e4) & t["valid"]).any()
+        n_batches += 1
+    assert n_batches == 7
+    vals, observed = model._gather(data, model._tracks(data), torch.tensor([150, 350, 50]))
+    assert not observed[0, 2] and not observed[1, 5] and observed[2].all()
+    # predict_cells: one cell per bin predicts exactly what predict() does at that bin
+    data.values[2, 100:200] = torch.from_numpy(y[pairs[2]][100:200])
+    data.values[5, 300:400] = torch.from_numpy(y[pairs[5]][300:400])
+    data.heldout = None
+    track, bins = torch.tensor([0, 7, 11]), torch.tensor([10, 20, 30])
+    got = model.predict_cells(data, track, bins)
+    for t, b, g in zip(track.tolist(), bins.tolist(), got.tolist()):
+        full = model.predict(data, int(data.biosample[t]), int(data.assay[t]))
+        assert g == pytest.approx(float(full[b]), abs=1e-5)
+
+
+def test_cpu_dropout_keeps_the_expectation():
+    from epiray.models.edice import Dropout
+
+    x = torch.ones(200_000)
+    d = Dropout(0.3)
+    d.train()
+    out = d(x)
+    kept = out > 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01  # 77/256 of the bytes are dropped
+    assert out.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert torch.equal(out[kept], torch.full_like(out[kept], 256 / 179))
+    d.eval()
+    assert torch.equal(d(x), x)

@@ -289,7 +289,7 @@ def sweep_train(tiny_store, tmp_path_factory):
         },
         "folds": {"scheme": "experiment", "k": 3, "fold": 0},
         "validation": {"per_assay": 1, "min_train": 1},
-        "train": {"epochs": 3, "batch_size": 512, "patience": None},
+        "train": {"epochs": 3, "batch_size": 512, "patience": None, "checkpoint_every": 1},
         "scaling": {"num_workers": 1, "cpus_per_worker": 2, "use_gpu": False},
         "tracking": {"experiment": "sweep-test"},
     }
@@ -434,7 +434,10 @@ def test_interrupted_sweep_resumes(sweep_train, tmp_path):
     cfg = {
         "name": "interrupted",
         "out": str(tmp_path / "sw"),
-        "train": {**train, "train": {"epochs": 6, "batch_size": 256, "patience": None}},
+        "train": {
+            **train,
+            "train": {"epochs": 6, "batch_size": 256, "patience": None, "checkpoint_every": 1},
+        },
         "grid": {"folds.fold": [0, 1]},
         "scheduler": {"kind": "fifo"},
         "verbose": 0,

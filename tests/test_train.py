@@ -44,7 +44,7 @@ def config(tmp_path, store, **kw):
             name="avocado", params={"n_nodes": 32, "n_layers": 1, "n_assay_factors": 16}
         ),
         folds=FoldSection(scheme="experiment", k=3, fold=0),
-        train=LoopParams(epochs=3, batch_size=2048, patience=None),
+        train=LoopParams(epochs=3, batch_size=2048, patience=None, checkpoint_every=1),
         scaling=ScalingSection(num_workers=2, use_gpu=False),
         tracking=TrackingConfig(tracking_uri="sqlite:///mlflow.db", experiment="t"),
     )
@@ -181,3 +181,39 @@ def test_train_plan_prints_worker_memory_without_training(tmp_path, tiny_store, 
     # float16 values: half the data bytes of the float32 plan
     half, full = memory_plan(cfg), memory_plan(config(tmp_path, store))
     assert (half["data_gib"] < full["data_gib"]).all()
+
+
+def test_cell_validation_and_refit(tmp_path, tiny_store):
+    """Default validation holds out cells, not experiments; with refit a fresh model is
+    trained on every cell for the epochs validation chose, and the run says how it trained."""
+    from epiray.train import ValidationSection
+
+    _, store = tiny_store
+    cfg = config(
+        tmp_path,
+        store,
+        validation=ValidationSection(refit=True, fraction=0.2),
+        train=LoopParams(epochs=3, patience=None, autocast="off"),
+        scaling=ScalingSection(num_workers=1, use_gpu=False),
+    )
+    _, (spec,) = plan_runs(cfg)
+    assert spec.validate == [] and spec.holdout["fraction"] == 0.2 and spec.refit
+    (r,) = train(cfg)
+    meta = json.loads(open(f"{r.checkpoint}/meta.json").read())
+    chosen = meta["selected_epochs"]
+    assert meta["phase"] == "refit" and 1 <= chosen <= 3
+    assert len(meta["selection_history"]) == 3 and len(meta["history"]) == chosen
+    assert r.checkpoint.endswith(f"epoch{3 + chosen:04d}_final")
+    assert all(h["val_mse"] is not None for h in meta["selection_history"])
+    assert meta["regime"]["batch_size"] >= 256
+    import mlflow
+
+    tags = mlflow.MlflowClient(r.spec.tracking_uri).get_run(r.mlflow_run_id).data.tags
+    assert tags["epiray.refit_epochs"] == str(chosen)
+    assert tags["epiray.regime.batch_size"] == str(meta["regime"]["batch_size"])
+    # 3 epochs of a tiny slab are far too few steps, and the run says so
+    assert "optimiser steps" in tags["epiray.undertrained"]
+    # the earlier form of the section still means whole held-out experiments
+    legacy = ValidationSection.model_validate({"per_assay": 1})
+    assert legacy.scheme == "experiments"
+    assert ValidationSection.model_validate({"per_assay": 0}).scheme == "none"

@@ -80,6 +80,16 @@ class ChromData:
         ``[V, hi-lo]`` or None: held-out target-species tracks used for validation only.
     val_biosample, val_assay
         ``[V]`` int64 or None.
+    heldout
+        ``[E, n_blocks]`` bool or None: validation *cells* of the training tracks. Block ``j``
+        of track ``e`` covers the global bins ``[(b0 + j) · heldout_block, (b0 + j + 1) ·
+        heldout_block)`` with ``b0 = lo // heldout_block`` (clipped to ``[lo, hi)``); where it
+        is True, the track's values are never trained on, only predicted for validation
+        (:func:`epiray.folds.heldout_blocks`). Blocks are global, so a cell's role does not
+        depend on how the chromosome is sharded.
+    heldout_block
+        Bins per block of ``heldout`` (200 = 5 kbp, Avocado's coarsest genome scale, so no
+        genome factor of a held-out block was fitted to that track there).
     """
 
     chrom: str
@@ -99,6 +109,8 @@ class ChromData:
     val_values: Tensor | None = None
     val_biosample: Tensor | None = None
     val_assay: Tensor | None = None
+    heldout: Tensor | None = None
+    heldout_block: int = 200
 
     def __post_init__(self) -> None:
         where = f"ChromData chrom {self.chrom!r} bins [{self.lo}, {self.hi})"
@@ -154,10 +166,54 @@ class ChromData:
                         f"got {None if t is None else tuple(t.shape)}."
                     )
 
+        if self.heldout is not None:
+            want = (e, (self.hi - 1) // self.heldout_block - self.lo // self.heldout_block + 1)
+            if self.heldout.dtype != torch.bool or tuple(self.heldout.shape) != want:
+                raise EpirayError(
+                    f"{where}: heldout has shape {tuple(self.heldout.shape)} and dtype "
+                    f"{self.heldout.dtype}; expected a bool [{want[0]}, {want[1]}] mask (one "
+                    f"row per training track, one column per {self.heldout_block}-bin block)."
+                )
+
     @property
     def n_local(self) -> int:
         """Bins this worker owns, ``hi - lo``."""
         return self.hi - self.lo
+
+    def block_of(self, bins: Tensor) -> Tensor:
+        """Column of ``heldout`` of each local bin in ``bins`` (int64, same shape)."""
+        k = self.heldout_block
+        return torch.div(bins + self.lo, k, rounding_mode="floor") - self.lo // k
+
+    def is_heldout(self, track: Tensor, bins: Tensor) -> Tensor:
+        """Whether the cells (training track ``track[i]``, local bin ``bins[i]``) are held out
+        for validation (bool, same shape; all False without ``heldout``)."""
+        if self.heldout is None:
+            return torch.zeros(bins.shape, dtype=torch.bool, device=bins.device)
+        return self.heldout[track, self.block_of(bins)]
+
+    def heldout_cells(self) -> tuple[Tensor, Tensor]:
+        """The validation cells as ``(track, bin)`` int64 ``[N]`` tensors, ordered by bin
+        then track (empty without ``heldout``). Built from the held-out blocks, never from a
+        ``[E, bins]`` mask."""
+        dev = self.device
+        if self.heldout is None:
+            empty = torch.zeros(0, dtype=torch.long, device=dev)
+            return empty, empty
+        k = self.heldout_block
+        track, blk = torch.nonzero(self.heldout, as_tuple=True)
+        start = (blk + self.lo // k) * k - self.lo  # local first bin of each block
+        bins = start[:, None] + torch.arange(k, device=dev)[None]
+        inside = (bins >= 0) & (bins < self.n_local)
+        track = track[:, None].expand(-1, k)[inside]
+        bins = bins[inside]
+        order = torch.argsort(bins * self.n_experiments + track)
+        return track[order], bins[order]
+
+    @property
+    def n_heldout_cells(self) -> int:
+        """Validation cells of this slab (0 without ``heldout``)."""
+        return int(self.heldout_cells()[0].shape[0])
 
     @property
     def n_experiments(self) -> int:
@@ -335,6 +391,10 @@ def chrom_data_from_numpy(
             if name == "val_values" and sliced and arr.shape[1] == n_bins:
                 arr = arr[:, lo:hi]
             kw[name] = _as_tensor(arr, value_dtype, dev)
+        elif name == "heldout":
+            kw[name] = _as_tensor(arr, torch.bool, dev)
+        elif name == "heldout_block":
+            kw[name] = int(arr)
         elif name in {f.name for f in fields(ChromData)}:
             kw[name] = _as_tensor(arr, torch.long, dev)
         else:
@@ -706,6 +766,8 @@ class ImputationModel(nn.Module):
     #: :meth:`predict` reads the observed tracks of its ChromData (eDICE), not only its bin
     #: range (Avocado): a logged model must then carry them.
     predicts_from_tracks: ClassVar[bool] = False
+    #: Largest batch (examples per step and worker) ``batch_size: auto`` chooses.
+    max_batch_size: ClassVar[int] = 40_000
 
     def __init__(self, params: Section, vocab: Vocabulary) -> None:
         super().__init__()
@@ -744,6 +806,15 @@ class ImputationModel(nn.Module):
         """Scalar mean squared error of the batch (float32)."""
         raise NotImplementedError
 
+    def epoch_examples(self, data: ChromData) -> int:
+        """Training examples one epoch of :meth:`batches` draws on ``data`` (default: one
+        per bin)."""
+        return data.n_local
+
+    def steps_per_epoch(self, data: ChromData, batch_size: int) -> int:
+        """Batches one epoch of :meth:`batches` yields at ``batch_size``."""
+        return max(1, math.ceil(self.epoch_examples(data) / batch_size))
+
     def penalty(self) -> Tensor | None:
         """Regularisation added to every step's batch loss, or None (the default: none).
 
@@ -762,6 +833,21 @@ class ImputationModel(nn.Module):
         if not pairs:
             return torch.zeros(0, data.hi - data.lo, device=data.device)
         return torch.stack([self.predict(data, b, a) for b, a in pairs])
+
+    def predict_cells(self, data: ChromData, track: Tensor, bins: Tensor) -> Tensor:
+        """Predictions ``[N]`` float32 of the cells (training track ``track[i]``, local bin
+        ``bins[i]``) of ``data``, as imputations: the held-out cells of ``data.heldout`` are
+        never inputs. Validation on held-out cells calls it under ``torch.no_grad``.
+
+        This generic version imputes each track over the whole slab with :meth:`predict` and
+        picks the cells; models override it to compute only the cells asked for.
+        """
+        out = torch.empty(track.shape[0], dtype=torch.float32, device=data.device)
+        for t in torch.unique(track).tolist():
+            sel = torch.nonzero(track == t, as_tuple=True)[0]
+            full = self.predict(data, int(data.biosample[t]), int(data.assay[t]))
+            out[sel] = full[bins[sel]].float()
+        return out
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Parameters shared by all workers (gradients all-reduced), trainable or not."""

@@ -29,6 +29,7 @@ row straddling two workers exists on both (each worker fits its own copy); shard
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Literal
 
@@ -73,6 +74,10 @@ class AvocadoParams(Section):
     init_scale
         Factors start uniform in ``[-init_scale, init_scale]`` (Keras' default embedding init,
         as the original package).
+    genome_dropout
+        Dropout on the concatenated genome factors of every training example (0, the paper:
+        none). With few tracks per bin the factors of a bin can fit its tracks' noise; dropping
+        factors at random keeps each one useful alone.
     predict_batch_size
         Positions per forward pass in :meth:`Avocado.predict`.
     """
@@ -87,6 +92,7 @@ class AvocadoParams(Section):
     aux_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     biosample_shrinkage: float = Field(0.0, ge=0.0)
     init_scale: float = Field(0.05, gt=0.0)
+    genome_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     predict_batch_size: int = Field(65536, ge=1)
 
 
@@ -256,14 +262,18 @@ class Avocado(ImputationModel):
             return tuple(n for _, n in keys)
 
         aux_groups = None
+        n_aux = data.n_aux_positions
         if params.variant == "concat":
             aux_groups = (state_dict["aux_group_250"], state_dict["aux_group_5k"])
+            # a slab loaded without its other-species block (prediction needs none) still
+            # rebuilds the saved tables
+            n_aux = n_aux or int(state_dict["aux_group_250"].shape[0])
         model = cls(
             params,
             vocab,
             data.lo,
             data.hi,
-            n_aux_positions=data.n_aux_positions,
+            n_aux_positions=n_aux,
             aux_groups=aux_groups,
             biosample_chunks=chunks("biosample_factors"),
             assay_chunks=chunks("assay_factors"),
@@ -642,8 +652,12 @@ class Avocado(ImputationModel):
             b = bins.shape[0]
             exp = torch.randint(e, (b,), generator=generator, device=dev)
             y = data.values[exp, bins].float()
+            # validation cells stay in the batch with weight 0 (fixed shapes, no host sync)
+            w = None if data.heldout is None else (~data.is_heldout(exp, bins)).float()
             if aux_stream is None:
                 tensors = {"bin": bins, "pair": exp, "y": y, "n_target": torch.tensor(b)}
+                if w is not None:
+                    tensors["w"] = w
                 yield Batch(b, {**tensors, "pair_biosample": pair_b, "pair_assay": pair_a})
                 continue
             m = (
@@ -659,17 +673,40 @@ class Avocado(ImputationModel):
             else:
                 aux_bins = units
                 aux_y = data.aux_values[track, pos_row[units]].float()
-            yield Batch(
-                b + m,
-                {
-                    "bin": torch.cat([bins, aux_bins]),
-                    "pair": torch.cat([exp, track + e]),
-                    "y": torch.cat([y, aux_y]),
-                    "n_target": torch.tensor(b),
-                    "pair_biosample": pair_b,
-                    "pair_assay": pair_a,
-                },
-            )
+            tensors = {
+                "bin": torch.cat([bins, aux_bins]),
+                "pair": torch.cat([exp, track + e]),
+                "y": torch.cat([y, aux_y]),
+                "n_target": torch.tensor(b),
+                "pair_biosample": pair_b,
+                "pair_assay": pair_a,
+            }
+            if w is not None:
+                tensors["w"] = torch.cat([w, torch.ones(m, device=dev)])
+            yield Batch(b + m, tensors)
+
+    def _n_target(self, data: ChromData, batch_size: int) -> int:
+        """Target-species examples per batch (the rest of it is other-species)."""
+        if self.params.variant == "mouse_only" or data.aux_values is None:
+            return batch_size
+        n_units = (
+            data.aux_values.shape[1]
+            if self.params.variant == "cross_species"
+            else self.n_aux_positions
+        )
+        if n_units == 0:
+            return batch_size
+        return max(1, round(batch_size * (1 - self.params.aux_fraction)))
+
+    def epoch_examples(self, data: ChromData) -> int:
+        """One example per bin, plus the other-species share of every batch."""
+        if self._n_target(data, 1 << 30) == 1 << 30:
+            return data.n_local
+        return round(data.n_local / (1 - self.params.aux_fraction))
+
+    def steps_per_epoch(self, data: ChromData, batch_size: int) -> int:
+        """``ceil(bins / target examples per batch)``, exactly as :meth:`batches` draws."""
+        return max(1, math.ceil(data.n_local / self._n_target(data, batch_size)))
 
     def loss(self, batch: Batch) -> Tensor:
         """Mean squared error of the batch (float32 scalar).
@@ -679,6 +716,7 @@ class Avocado(ImputationModel):
         """
         t = batch.tensors
         bins, pair_idx, y = t["bin"], t["pair"], t["y"]
+        w = t.get("w")
         n = bins.shape[0]
         k = int(t["n_target"]) if self.params.variant == "concat" else n
         order = bins[:k].argsort()
@@ -695,8 +733,13 @@ class Avocado(ImputationModel):
         else:  # more tracks than examples: only the batch's distinct ones
             uniq, pair_idx = torch.unique(pair_idx, return_inverse=True)
             pair = self._pair_inputs(pair_b[uniq], pair_a[uniq])
+        if self.training and self.params.genome_dropout > 0:
+            genome = F.dropout(genome, self.params.genome_dropout)
         pred = self(genome, pair, pair_idx)
-        return F.mse_loss(pred.float(), y)
+        if w is None:
+            return F.mse_loss(pred.float(), y)
+        w = w[order]  # 0 for validation cells: they add nothing, not even to the mean
+        return ((pred.float() - y).pow(2) * w).sum() / w.sum().clamp(min=1.0)
 
     def penalty(self) -> Tensor | None:
         """``biosample_shrinkage`` (see :class:`AvocadoParams`), or None when it is 0."""
@@ -753,6 +796,21 @@ class Avocado(ImputationModel):
         for start in range(0, data.n_local, step):
             bins = torch.arange(start, min(start + step, data.n_local), device=dev)
             out[start : start + bins.shape[0]] = self(self._genome_inputs(bins), pair).float()
+        return out
+
+    @torch.inference_mode()
+    def predict_cells(self, data: ChromData, track: Tensor, bins: Tensor) -> Tensor:
+        """Predictions ``[N]`` float32 of the cells (training track ``track[i]``, local bin
+        ``bins[i]``); only the genome factors of those bins and the tracks' (biosample, assay)
+        are read, so a held-out cell is predicted exactly as an unobserved track would be."""
+        self._check_slab(data)
+        pair = self._pair_inputs(data.biosample, data.assay)
+        out = torch.empty(track.shape[0], dtype=torch.float32, device=data.device)
+        step = self.params.predict_batch_size
+        for start in range(0, track.shape[0], step):
+            sl = slice(start, start + step)
+            genome = self._genome_inputs(bins[sl])
+            out[sl] = self(genome, pair, track[sl]).float()
         return out
 
     def n_parameters(self) -> dict[str, int]:
