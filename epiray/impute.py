@@ -23,6 +23,11 @@ The bigWig header lists every chromosome of the assembly (``chrom_sizes`` when g
 store's); only the imputed chromosomes carry data, as 25 bp spans (the last bin clipped to the
 chromosome end).
 
+Before anything runs, every requested pair is checked against the vocabulary of each
+chromosome's model (:class:`ModelScope`): a pair whose biosample or assay the model never saw
+is refused (explicit pair list) or left out and recorded in ``OUT/impute.unimputable.json``
+(``pairs: unobserved``), so ``epiray info`` tells it apart from unfinished work.
+
 Resume: a bigWig whose sidecar matches the request (model, store hash, scale, chromosomes,
 sizes) and whose size equals the recorded one is skipped; finished spills are reused; a bigWig
 without its sidecar (a crash between the two renames) is redone. Errors while predicting are
@@ -35,6 +40,7 @@ trained :class:`~epiray.models.ImputationModel` shards to it.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -64,13 +70,19 @@ __all__ = [
     "ImputeResult",
     "ImputedPair",
     "ModelPredictor",
+    "ModelScope",
+    "UNIMPUTABLE",
     "PairSpec",
     "Predictor",
     "describe_outputs",
     "impute",
+    "model_scopes",
     "predict_unit",
     "read_outputs",
+    "read_unimputable",
     "resolve_pairs",
+    "run_scope",
+    "unimputable_pairs",
     "unobserved_pairs",
     "write_experiment",
 ]
@@ -127,7 +139,9 @@ class ImputeConfig(Section):
     pairs
         ``"unobserved"``: every (biosample, assay) pair of the target assembly not observed in
         the store (biosamples and assays from the store's experiments of that assembly); or an
-        explicit list of :class:`PairSpec`.
+        explicit list of :class:`PairSpec`. Pairs the model cannot impute (a biosample or
+        assay it never saw) are an error in a list, and left out with a warning (recorded for
+        ``epiray info``) from ``"unobserved"``; see :func:`impute`.
     zero_shot_assays
         With ``"unobserved"``: also impute assays seen only in other species of the store.
     chroms
@@ -442,7 +456,8 @@ class ModelPredictor:
         Raises
         ------
         EpirayError
-            ``chrom`` is not the shards' chromosome, or a name is not in the vocabulary.
+            ``chrom`` is not the shards' chromosome, or a name is not in the vocabulary (one
+            error naming every such pair, before predicting any).
         """
         if chrom != self.chrom:
             raise EpirayError(
@@ -450,6 +465,28 @@ class ModelPredictor:
                 f"{self.chrom!r}. Load the model of that chromosome."
             )
         keys = [tuple(p) for p in pairs]
+        vocab = self.shards[0][0].vocab
+        bad = [
+            f"({b}, {a}): unknown "
+            + " and ".join(
+                f"{kind} {name!r}"
+                for kind, name, known in (
+                    ("biosample", b, vocab.biosamples),
+                    ("assay", a, vocab.assays),
+                )
+                if name not in known
+            )
+            for b, a in keys
+            if b not in vocab.biosamples or a not in vocab.assays
+        ]
+        if bad:
+            raise EpirayError(
+                f"impute chrom {chrom!r}: the model cannot impute {_short(bad, 8)}; expected "
+                f"names among its {len(vocab.biosamples)} biosamples and {len(vocab.assays)} "
+                "assays (it has no factors for others). Impute assays only another species "
+                f"measured with a cross-species model (e.g. {_CROSS_SPECIES_CONFIG}), train "
+                "again for names added to the store since, or leave those pairs out."
+            )
         self._cache = {k: v for k, v in self._cache.items() if k in keys}
         for k in keys:
             if k not in self._cache:
@@ -457,6 +494,426 @@ class ModelPredictor:
         if not keys:
             return np.empty((0, hi - lo), dtype=np.float32)
         return np.stack([self._cache[k][lo:hi] for k in keys])
+
+
+# --------------------------------------------------------------------------------------- scope
+#: Where :func:`impute` records the requested pairs the model cannot impute (``epiray info``).
+UNIMPUTABLE = "impute.unimputable.json"
+UNIMPUTABLE_FORMAT = "epiray-impute-unimputable/1"
+#: The final checkpoint of an ``epiray train`` run (as :func:`epiray.train.final_checkpoint`;
+#: read here without importing the training stack, so ``epiray info`` stays fast).
+_FINAL_GLOB, _META = "epoch*_final", "meta.json"
+_CROSS_SPECIES_CONFIG = "configs/train_avocado_cross_species.yaml"
+
+
+@dataclass(frozen=True)
+class ModelScope:
+    """What the trained model of one chromosome can impute.
+
+    A model imputes a (biosample, assay) pair only if it has factors (Avocado) or global
+    embeddings (eDICE) for both names, i.e. both are in its vocabulary. A mouse-only model's
+    vocabulary holds the mouse biosamples and assays of its store; a cross-species model's also
+    the other species' assays (and biosamples), which is how it imputes assays never measured
+    in mouse. A name in the vocabulary whose every experiment was held out (a zero-shot fold)
+    has factors that were never fitted: the model predicts it, without data for it.
+
+    Attributes
+    ----------
+    chrom
+        Chromosome of the model.
+    source
+        Where it was read (the run directory), for messages.
+    description
+        The model in words (name, variant, fold), for messages.
+    biosamples, assays
+        Its vocabulary.
+    assembly
+        Target assembly it was trained for, if known.
+    cross_species
+        Its vocabulary holds experiments of more than one species.
+    fitted_biosamples, fitted_assays
+        The names some training (or validation, or other-species) experiment covered; None
+        when unknown.
+    """
+
+    chrom: str
+    source: str
+    description: str
+    biosamples: frozenset[str]
+    assays: frozenset[str]
+    assembly: str | None = None
+    cross_species: bool = False
+    fitted_biosamples: frozenset[str] | None = None
+    fitted_assays: frozenset[str] | None = None
+
+    def missing(self, biosample: str, assay: str) -> list[str]:
+        """``"biosample"`` and/or ``"assay"``: the names of the pair the model never saw."""
+        return [
+            kind
+            for kind, name, known in (
+                ("biosample", biosample, self.biosamples),
+                ("assay", assay, self.assays),
+            )
+            if name not in known
+        ]
+
+    def unfitted(self, biosample: str, assay: str) -> list[str]:
+        """The names of the pair in the vocabulary that no training experiment covered."""
+        out = []
+        if self.fitted_biosamples is not None and biosample not in self.fitted_biosamples:
+            out.append(f"biosample {biosample}")
+        if self.fitted_assays is not None and assay not in self.fitted_assays:
+            out.append(f"assay {assay}")
+        return out
+
+    @classmethod
+    def from_vocabulary(cls, vocab: Any, chrom: str, source: str) -> ModelScope:
+        """The scope of a :class:`~epiray.models.Vocabulary` (or its ``to_dict`` form)."""
+        get = vocab.get if isinstance(vocab, Mapping) else lambda k, d=None: getattr(vocab, k, d)
+        exps = get("experiments") or {}
+        species = {str(k[2]) for k in exps.values()}
+        return cls(
+            chrom=chrom,
+            source=source,
+            description=f"vocabulary of {len(get('biosamples'))} biosamples and "
+            f"{len(get('assays'))} assays",
+            biosamples=frozenset(map(str, get("biosamples"))),
+            assays=frozenset(map(str, get("assays"))),
+            assembly=get("assembly"),
+            cross_species=len(species) > 1,
+        )
+
+    @classmethod
+    def from_run_meta(cls, meta: Mapping[str, Any], chrom: str, source: str) -> ModelScope:
+        """The scope of an ``epiray train`` checkpoint's ``meta.json``."""
+        base = cls.from_vocabulary(meta["vocab"], chrom, source)
+        vocab = meta["vocab"]
+        bios, assays, exps = vocab["biosamples"], vocab["assays"], vocab.get("experiments") or {}
+        fitted = None
+        if isinstance(meta.get("train"), list):
+            fitted = [
+                exps[e]
+                for e in [*meta["train"], *(meta.get("aux") or []), *(meta.get("validate") or [])]
+                if e in exps
+            ]
+        variant = (meta.get("params") or {}).get("variant")
+        words = [str(meta.get("model") or "model")]
+        if variant:
+            words.append(str(variant))
+        if meta.get("fold") not in (None, "all"):
+            words.append(f"fold {meta['fold']}")
+        return ModelScope(
+            chrom=chrom,
+            source=source,
+            description=f"{' '.join(words)}; {len(bios)} biosamples, {len(assays)} assays"
+            + (", cross-species" if base.cross_species else ""),
+            biosamples=base.biosamples,
+            assays=base.assays,
+            assembly=meta.get("assembly") or base.assembly,
+            cross_species=base.cross_species,
+            fitted_biosamples=None if fitted is None else frozenset(bios[k[0]] for k in fitted),
+            fitted_assays=None if fitted is None else frozenset(assays[k[1]] for k in fitted),
+        )
+
+
+def _run_meta(run_dir: Path) -> dict[str, Any] | None:
+    """``meta.json`` of the final checkpoint of a run directory, or None."""
+    finals = sorted(run_dir.glob(_FINAL_GLOB)) if run_dir.is_dir() else []
+    meta = _read_json(finals[-1] / _META) if finals else None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("vocab"), dict) else None
+
+
+def run_scope(model: str, chrom: str) -> ModelScope | None:
+    """The scope of ``epiray train``'s run ``model.format(chrom=chrom)``.
+
+    Returns None when ``model`` is not a run directory pattern with ``{chrom}`` or the run has
+    no final checkpoint (the loader reports that when it is asked for the model).
+    """
+    if "{chrom}" not in model:
+        return None
+    try:
+        run = Path(model.format(chrom=chrom))
+    except (KeyError, IndexError, ValueError):
+        return None
+    meta = _run_meta(run)
+    if meta is None:
+        return None
+    try:
+        return ModelScope.from_run_meta(meta, chrom, str(run))
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _pattern_of(predictor_for: Any, model: str) -> str:
+    """The run pattern ``predictor_for`` loads: ``functools.partial(load_predictor, P)`` -> P."""
+    func = getattr(predictor_for, "func", None)
+    args = getattr(predictor_for, "args", ())
+    if getattr(func, "__name__", "") == "load_predictor" and args and isinstance(args[0], str):
+        return args[0]
+    return model
+
+
+def model_scopes(
+    cfg: ImputeConfig, chroms: Sequence[str], predictor_for: PredictorFor | None = None
+) -> dict[str, ModelScope]:
+    """The scope of the model of every chromosome that can be read before predicting.
+
+    ``predictor_for`` with a ``vocabulary(chrom)`` method (returning a
+    :class:`~epiray.models.Vocabulary`, or None when unknown) is asked; otherwise
+    ``cfg.model`` (or the pattern of ``functools.partial(load_predictor, pattern)``) is read
+    as ``epiray train`` run directories, ``{chrom}`` standing for the chromosome. Chromosomes
+    whose model cannot be read are left out (loading it reports why).
+    """
+    hook = getattr(predictor_for, "vocabulary", None)
+    scopes: dict[str, ModelScope] = {}
+    for chrom in chroms:
+        if callable(hook):
+            try:
+                vocab = hook(chrom)
+            except Exception as e:  # reported by the loader, in the task, naming the chrom
+                log.debug("impute: no vocabulary for %s before predicting: %s", chrom, e)
+                continue
+            if vocab is not None:
+                scopes[chrom] = ModelScope.from_vocabulary(vocab, chrom, cfg.model)
+            continue
+        scope = run_scope(_pattern_of(predictor_for, cfg.model), chrom)
+        if scope is not None:
+            scopes[chrom] = scope
+    return scopes
+
+
+def _short(names: Sequence[str], n: int = 6) -> str:
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def unimputable_pairs(
+    pairs: Sequence[ImputedPair], scopes: Mapping[str, ModelScope], model: str
+) -> list[dict[str, Any]]:
+    """The pairs some chromosome's model cannot impute, one record each (JSON-ready).
+
+    Each record: ``experiment``, ``biosample``, ``assay``, ``assembly``, ``zero_shot``,
+    ``missing`` (``"biosample"`` / ``"assay"``), ``chroms`` (those whose model lacks it, of
+    ``checked``), ``model``, ``cross_species`` (the model is) and ``reason`` (one phrase).
+    """
+    out = []
+    cross = any(s.cross_species for s in scopes.values())
+    # the chromosomes of a run share one vocabulary: check each distinct one once
+    vocabs: dict[tuple[frozenset[str], frozenset[str]], list[str]] = {}
+    for chrom, scope in scopes.items():
+        vocabs.setdefault((scope.biosamples, scope.assays), []).append(chrom)
+    for p in pairs:
+        missing: dict[str, list[str]] = {}
+        for (bios, assays), chroms in vocabs.items():
+            if p.biosample not in bios:
+                missing.setdefault("biosample", []).extend(chroms)
+            if p.assay not in assays:
+                missing.setdefault("assay", []).extend(chroms)
+        if not missing:
+            continue
+        chroms = sorted({c for cs in missing.values() for c in cs}, key=list(scopes).index)
+        out.append(
+            {
+                "experiment": p.experiment,
+                "biosample": p.biosample,
+                "assay": p.assay,
+                "assembly": p.assembly,
+                "zero_shot": p.zero_shot,
+                "missing": [k for k in ("biosample", "assay") if k in missing],
+                "chroms": chroms,
+                "checked": len(scopes),
+                "model": model,
+                "cross_species": cross,
+                "reason": _reason(
+                    p.zero_shot, [k for k in ("biosample", "assay") if k in missing]
+                ),
+            }
+        )
+    return out
+
+
+def _reason(zero_shot: bool | None, missing: Sequence[str]) -> str:
+    """Why the model cannot impute a pair (``zero_shot`` None: not known)."""
+    if list(missing) == ["assay"] and zero_shot:
+        return "assay never seen by this model (only another species measured it)"
+    return " and ".join(missing) + " never seen by this model"
+
+
+def _groups(entries: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """The entries per missing name (``"assay GATA1"``, ``"biosample B and assay A"``)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for e in entries:
+        names = [f"{k} {e[k]}" for k in e.get("missing", [])] or ["pair"]
+        groups.setdefault(" and ".join(names), []).append(e)
+    return groups
+
+
+def _group_lines(entries: Sequence[Mapping[str, Any]], indent: str) -> list[str]:
+    """One line per missing name: why, the pairs it blocks (shortened), on which chroms."""
+    groups = _groups(entries)
+    lines = []
+    for i, (what, es) in enumerate(groups.items()):
+        if i == 12:
+            lines.append(f"{indent}... and {len(groups) - 12} more names")
+            break
+        pairs = _short([f"({e['biosample']}, {e['assay']})" for e in es])
+        chroms = es[0].get("chroms") or []
+        where = ""
+        if 0 < len(chroms) < int(es[0].get("checked") or 0):
+            where = f" (models of {', '.join(chroms)} only)"
+        lines.append(f"{indent}{what}: {es[0]['reason']}{where}: {len(es)} pairs {pairs}")
+    return lines
+
+
+def unimputable_advice(
+    entries: Sequence[Mapping[str, Any]], drop: str = "or leave them out of the request"
+) -> str:
+    """What would impute the pairs of ``entries`` (records of :func:`unimputable_pairs`),
+    ending with ``drop`` (how not to ask for them)."""
+    cross = any(e.get("cross_species") for e in entries)
+    assays = [e for e in entries if "assay" in e["missing"]]
+    zs = sorted({e["assay"] for e in assays if e.get("zero_shot")})
+    own = sorted({e["assay"] for e in assays if e.get("zero_shot") is False})
+    unknown = sorted({e["assay"] for e in assays if e.get("zero_shot") is None})
+    bios = sorted({e["biosample"] for e in entries if "biosample" in e["missing"]})
+    other = (
+        f"train a cross-species model (e.g. {_CROSS_SPECIES_CONFIG}), which learns them from "
+        "that species' tracks through synteny, and impute with it"
+        if not cross
+        else "this cross-species model was trained without them: train it again on the "
+        "current store"
+    )
+    transfer = (
+        "train again on the current store, or add them by transfer (Vocabulary.extend and the "
+        "model's extend fit only their new factors)"
+    )
+    tips = []
+    if zs:
+        tips.append(f"assays only another species measured ({_short(zs)}): {other}")
+    if unknown:
+        tips.append(
+            f"assays {_short(unknown)}: if only another species measured them, {other}; "
+            f"else {transfer}"
+        )
+    if own:
+        tips.append(
+            f"assays the model was trained without ({_short(own)}; added to the store since, "
+            f"or another store): {transfer}"
+        )
+    if bios:
+        tips.append(f"biosamples the model was trained without ({_short(bios)}): {transfer}")
+    tips.append(drop)
+    return "To impute them: " + "; ".join(tips) + "."
+
+
+def _scope_words(scopes: Mapping[str, ModelScope]) -> str:
+    desc = list(dict.fromkeys(s.description for s in scopes.values()))
+    return "; ".join(desc[:3]) + (" ..." if len(desc) > 3 else "")
+
+
+def _check_models(
+    cfg: ImputeConfig, pairs: list[ImputedPair], scopes: Mapping[str, ModelScope], out: Path
+) -> tuple[list[ImputedPair], list[dict[str, Any]]]:
+    """Split ``pairs`` into those every chromosome's model can impute and records of the rest.
+
+    Raises
+    ------
+    ConfigError
+        A model trained for another assembly; with an explicit pair list, any pair a model
+        cannot impute (listed with what would impute it); with ``unobserved``, when no pair is
+        left.
+    """
+    other = {c: s.assembly for c, s in scopes.items() if s.assembly and s.assembly != cfg.assembly}
+    if other:
+        raise ConfigError(
+            f"impute {out}: model {cfg.model} was trained for assembly "
+            f"{sorted(set(other.values()))} (chroms {sorted(other)}); expected assembly "
+            f"{cfg.assembly}. Use a model trained on {cfg.assembly}, or set assembly."
+        )
+    if not scopes:
+        return pairs, []
+    bad = unimputable_pairs(pairs, scopes, cfg.model)
+    names = {e["experiment"] for e in bad}
+    keep = [p for p in pairs if p.experiment not in names]
+    if cfg.pairs != "unobserved":
+        drop = "or leave them out of pairs"
+    elif cfg.zero_shot_assays and any(e["zero_shot"] for e in bad):
+        drop = "or set zero_shot_assays: false not to ask for them"
+    else:
+        drop = "or list the pairs to impute in pairs"
+    if bad and (cfg.pairs != "unobserved" or not keep):
+        what = " (no unobserved pair is left)" if cfg.pairs == "unobserved" else ""
+        raise ConfigError(
+            "\n".join(
+                [
+                    f"impute {out}: {len(bad)} of {len(pairs)} requested pairs cannot be "
+                    f"imputed by model {cfg.model} ({_scope_words(scopes)}){what}; expected "
+                    "every pair's biosample and assay among those the model has factors for. "
+                    "Nothing was written.",
+                    *_group_lines(bad, "  - "),
+                    unimputable_advice(bad, drop),
+                ]
+            )
+        )
+    if bad:
+        counts = [f"{what} ({len(es)} pairs)" for what, es in _groups(bad).items()]
+        log.warning(
+            "impute %s: leaving out %d of %d unobserved pairs that model %s cannot impute: "
+            "%s. %s `epiray info %s` lists them.",
+            out,
+            len(bad),
+            len(pairs),
+            cfg.model,
+            _short(counts),
+            unimputable_advice(bad, drop),
+            out,
+        )
+    # a run's vocabulary and experiment roles are the same on every chromosome
+    first = next(iter(scopes.values()))
+    unfitted = {p.experiment: first.unfitted(p.biosample, p.assay) for p in keep}
+    unfitted = {k: v for k, v in unfitted.items() if v}
+    if unfitted:
+        log.warning(
+            "impute %s: %s of model %s were in no training experiment (held out by its fold): "
+            "their factors were never fitted, so those %d pairs are its guess without data "
+            "for them",
+            out,
+            _short(sorted({n for v in unfitted.values() for n in v})),
+            cfg.model,
+            len(unfitted),
+        )
+    return keep, bad
+
+
+def read_unimputable(path: str | Path) -> list[dict[str, Any]]:
+    """The records of requested pairs the model could not impute in an output folder
+    (:data:`UNIMPUTABLE`); empty when there are none or the file is unreadable."""
+    data = _read_json(Path(path) / UNIMPUTABLE)
+    if not isinstance(data, dict) or data.get("format") != UNIMPUTABLE_FORMAT:
+        return []
+    return [e for e in data.get("pairs", []) if isinstance(e, dict) and "experiment" in e]
+
+
+def _update_unimputable(
+    out: Path, requested: Sequence[ImputedPair], bad: Sequence[Mapping[str, Any]]
+) -> None:
+    """Record ``bad`` in :data:`UNIMPUTABLE`; forget earlier records of the other requested
+    pairs (imputable now); keep records of pairs this run did not ask for."""
+    old = read_unimputable(out)
+    asked = {p.experiment for p in requested}
+    new = [e for e in old if e["experiment"] not in asked] + [dict(e) for e in bad]
+    new.sort(key=lambda e: e["experiment"])
+    path = out / UNIMPUTABLE
+    if new == old and (bool(new) == path.is_file()):
+        return
+    if not new:
+        path.unlink(missing_ok=True)
+        return
+    atomic_write_text(
+        path,
+        json.dumps({"format": UNIMPUTABLE_FORMAT, "pairs": new}, indent=1, sort_keys=True),
+    )
 
 
 # --------------------------------------------------------------------------------------- paths
@@ -499,6 +956,9 @@ class _Plan:
     pairs: list[ImputedPair]
     todo: list[ImputedPair] = field(default_factory=list)
     skipped: list[ImputedPair] = field(default_factory=list)
+    #: every pair asked for, and the records of those the model cannot impute (left out)
+    requested: list[ImputedPair] = field(default_factory=list)
+    unimputable: list[dict[str, Any]] = field(default_factory=list)
 
     def n_bins(self, chrom: str) -> int:
         return n_bins(self.header[chrom], self.bin_size)
@@ -568,14 +1028,19 @@ def _clean_tmp(out: Path) -> int:
     return n
 
 
-def plan(cfg: ImputeConfig) -> _Plan:
+def plan(cfg: ImputeConfig, predictor_for: PredictorFor | None = None) -> _Plan:
     """Validate the request and decide what is left to do (driver side, before any task).
+
+    Every requested pair is checked against the vocabulary of every chromosome's model that
+    :func:`model_scopes` can read (``epiray train`` run directories, or a ``vocabulary``
+    method of ``predictor_for``) before anything is written or deleted.
 
     Raises
     ------
     ConfigError
-        Bad options, pairs or chromosome sizes; existing outputs without ``overwrite`` or
-        ``resume``; a finished output made by another model or store under ``resume``.
+        Bad options, pairs or chromosome sizes; pairs the model cannot impute (see
+        :func:`impute`); existing outputs without ``overwrite`` or ``resume``; a finished
+        output made by another model or store under ``resume``.
     StoreError
         The store or the assembly is missing.
     """
@@ -587,14 +1052,17 @@ def plan(cfg: ImputeConfig) -> _Plan:
     store = Store.open(cfg.store)
     asm = store.assembly(cfg.assembly)
     chroms = asm.select(cfg.chroms)
-    pairs = resolve_pairs(store, cfg)
-    if not pairs:
+    requested = resolve_pairs(store, cfg)
+    if not requested:
         raise ConfigError(
             f"impute {cfg.output_dir}: nothing to impute for assembly {cfg.assembly}; expected "
             "at least one pair (every pair is observed). List pairs explicitly or set "
             "zero_shot_assays."
         )
     out = Path(cfg.output_dir)
+    pairs, unimputable = _check_models(
+        cfg, requested, model_scopes(cfg, chroms, predictor_for), out
+    )
     if out.exists() and not out.is_dir():
         raise ConfigError(
             f"impute output_dir {out}: not a directory; expected a directory, got a file. "
@@ -612,6 +1080,8 @@ def plan(cfg: ImputeConfig) -> _Plan:
         chroms=chroms,
         header=_header(store, cfg, chroms),
         pairs=pairs,
+        requested=requested,
+        unimputable=unimputable,
     )
     if cfg.overwrite or cfg.resume:
         n = _clean_tmp(out) if out.is_dir() else 0
@@ -863,13 +1333,16 @@ class ImputeResult:
     written, skipped
         bigWig paths written now / kept from an earlier run (resume).
     pairs
-        Every requested pair.
+        Every requested pair the model can impute (written now or kept).
     bins_written
         Bins written to bigWigs now (pairs × bins of the imputed chromosomes).
     spills_written, spills_reused
         Per (experiment, chromosome) spills predicted now / found finished.
     predict_s, write_s, total_s
         Wall-clock seconds of the two phases and of the whole call.
+    unimputable
+        Records (see :func:`unimputable_pairs`) of the unobserved pairs left out because the
+        model cannot impute them (also in ``OUT/impute.unimputable.json``).
     """
 
     written: list[Path]
@@ -881,6 +1354,7 @@ class ImputeResult:
     predict_s: float = 0.0
     write_s: float = 0.0
     total_s: float = 0.0
+    unimputable: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _use_ray(cfg: ImputeConfig) -> bool:
@@ -1008,6 +1482,24 @@ def impute(cfg: ImputeConfig, predictor_for: PredictorFor) -> ImputeResult:
     predictor_for
         ``chrom -> Predictor``; called inside each prediction task (see :class:`Predictor`).
 
+    Every requested pair is first checked against the vocabulary of each chromosome's model
+    (read from ``epiray train``'s run directories when ``cfg.model`` is a ``{chrom}`` pattern,
+    or from ``predictor_for.vocabulary(chrom)`` when it has that method), before any Ray work
+    and before anything is written or deleted. A pair whose biosample or assay a model never
+    saw (e.g. an assay only human measured, asked of a mouse-only model) cannot be imputed:
+
+    - with an explicit ``pairs`` list, that is a :class:`~epiray.errors.ConfigError` naming
+      every such pair, why, and what would impute it (a cross-species model for assays only
+      the other species measured; training again, or adding the name by transfer, for names
+      the model was trained without); nothing is written, so the corrected request needs no
+      ``resume``;
+    - with ``pairs: unobserved`` (every pair the store does not observe), they are left out
+      with one warning naming them and what would impute them, recorded in
+      ``OUT/impute.unimputable.json``, and listed by ``epiray info`` apart from unfinished
+      work; the rest is imputed. If none is left, it is the ConfigError above.
+
+    Nothing is ever substituted for a pair the model cannot impute.
+
     Returns
     -------
     ImputeResult
@@ -1022,12 +1514,14 @@ def impute(cfg: ImputeConfig, predictor_for: PredictorFor) -> ImputeResult:
         could not be written.
     """
     t_start = time.perf_counter()
-    p = plan(cfg)
+    p = plan(cfg, predictor_for)
     out = p.out
     out.mkdir(parents=True, exist_ok=True)
+    _update_unimputable(out, p.requested, p.unimputable)
     result = ImputeResult(
         [], [out / x.filename(p.scale) for x in p.skipped], p.pairs, 0, 0, 0, 0.0, 0.0, 0.0
     )
+    result.unimputable = list(p.unimputable)
     if not p.todo:
         result.total_s = time.perf_counter() - t_start
         return result
@@ -1080,8 +1574,10 @@ def describe_outputs(path: str | Path) -> str:
     """A readable summary of an imputation output folder (what ``epiray info`` prints).
 
     Lists the imputed pairs (an assay × biosample table per assembly and scale), per chromosome
-    coverage, the model and store they came from, sizes, unfinished work left in ``.parts``
-    and whether a track hub is present.
+    coverage, the model and store they came from, sizes, the requested pairs the model cannot
+    impute (recorded by :func:`impute`, or, for folders of earlier versions, ``.parts`` folders
+    of pairs the model's run directories show it never saw), unfinished work left in
+    ``.parts`` (that ``resume`` would finish) and whether a track hub is present.
 
     Raises
     ------
@@ -1099,7 +1595,8 @@ def describe_outputs(path: str | Path) -> str:
     outs = read_outputs(root)
     parts = root / PARTS
     pending = sorted(p for p in parts.glob("*") if p.is_dir()) if parts.is_dir() else []
-    if not outs and not pending:
+    record = read_unimputable(root)
+    if not outs and not pending and not record:
         raise EpirayError(
             f"impute output {root}: no imputed tracks; expected {{biosample}}.{{assay}}."
             "{scale}.bw files with their .json sidecars. Run `epiray impute` first."
@@ -1154,10 +1651,31 @@ def describe_outputs(path: str | Path) -> str:
                 f"    mean imputed value (arcsinh): {min(means.values()):.3f} ({lo}) .. "
                 f"{max(means.values()):.3f} ({hi})"
             )
-    if pending:
-        n_sp = sum(len(list(p.glob("*.npy"))) for p in pending)
+    recorded = {e["experiment"] for e in record}
+    stale = _stale_unimputable([d for d in pending if d.name not in recorded])
+    impossible = recorded | {e["experiment"] for e in stale}
+    for what, entries in (("", record), (f" (left in {PARTS}/ by an earlier run)", stale)):
+        by_model: dict[str, list[dict[str, Any]]] = {}
+        for e in entries:
+            by_model.setdefault(str(e.get("model")), []).append(e)
+        for model, es in by_model.items():
+            lines.append(
+                f"  not imputable by model {model}: {len(es)} requested pairs{what}, never "
+                "predicted (resume cannot finish them):"
+            )
+            lines += _group_lines(es, "    ")
+            lines.append("    " + unimputable_advice(es))
+    leftover = [d.name for d in pending if d.name in recorded]
+    if leftover:
         lines.append(
-            f"  unfinished: {len(pending)} experiments with {n_sp} chromosome spills in "
+            f"    {PARTS}/ still holds folders of {len(leftover)} of them from an earlier run: "
+            f"nothing there to finish; delete {_short([f'{PARTS}/{n}' for n in leftover], 3)}"
+        )
+    unfinished = [d for d in pending if d.name not in impossible]
+    if unfinished:
+        n_sp = sum(len(list(p.glob("*.npy"))) for p in unfinished)
+        lines.append(
+            f"  unfinished: {len(unfinished)} experiments with {n_sp} chromosome spills in "
             f"{PARTS}/ (finish them with resume)"
         )
     hub = root / "hub.txt"
@@ -1165,3 +1683,49 @@ def describe_outputs(path: str | Path) -> str:
         f"  track hub: {hub if hub.is_file() else 'none (write one with write_trackhub)'}"
     )
     return "\n".join(lines)
+
+
+def _pattern_scopes(model: str) -> dict[str, ModelScope]:
+    """The scopes of every existing run of the run pattern ``model`` (by chromosome)."""
+    pattern = "*".join(glob.escape(part) for part in model.split("{chrom}"))
+    scopes = {}
+    for run in sorted(glob.glob(pattern)):
+        meta = _run_meta(Path(run))
+        chrom = meta.get("chrom") if meta else None
+        if not isinstance(chrom, str) or Path(model.format(chrom=chrom)) != Path(run):
+            continue
+        try:
+            scopes[chrom] = ModelScope.from_run_meta(meta, chrom, run)
+        except (KeyError, IndexError, TypeError):
+            continue
+    return scopes
+
+
+def _stale_unimputable(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Records of ``.parts`` folders (of earlier versions) whose pair the model never saw.
+
+    The model is the run pattern in the folder's ``key.json``; the (biosample, assay) split
+    of the folder name is the one the model knows best. Folders whose model cannot be read
+    are left to be reported as unfinished.
+    """
+    cache: dict[str, dict[str, ModelScope]] = {}
+    out = []
+    for d in dirs:
+        key = _read_json(d / SPILL_KEY)
+        model = key.get("model") if isinstance(key, dict) else None
+        if not isinstance(model, str) or "{chrom}" not in model:
+            continue
+        if model not in cache:
+            cache[model] = _pattern_scopes(model)
+        scopes = cache[model]
+        if not scopes:
+            continue
+        splits = [(d.name[:i], d.name[i + 1 :]) for i, c in enumerate(d.name) if c == "."]
+        if not splits or any(all(not s.missing(b, a) for s in scopes.values()) for b, a in splits):
+            continue  # imputable: unfinished work
+        first = next(iter(scopes.values()))
+        b, a = min(splits, key=lambda ba: len(first.missing(*ba)))
+        pair = ImputedPair(b, a, "other", "", str(key.get("assembly") or ""))
+        for e in unimputable_pairs([pair], scopes, model):
+            out.append({**e, "zero_shot": None, "reason": _reason(None, e["missing"])})
+    return out
