@@ -422,7 +422,9 @@ def ingest(cfg: IngestConfig, *, overwrite: bool = False, resume: bool = False) 
     Raises
     ------
     StoreError
-        The store exists and neither ``overwrite`` nor ``resume`` is given.
+        The store exists and neither ``overwrite`` nor ``resume`` is given. A store that never
+        finished a part (a first ingest stopped by a bad input found while planning) does not
+        count: after fixing the manifest, the same command runs again as it was.
     InputDataError
         Listing every bad input found (all other parts are still written, so a re-run with
         ``resume`` after fixing the inputs does only the rest).

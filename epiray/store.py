@@ -99,6 +99,42 @@ def file_checksum(path: str | Path, chunk: int = 1 << 22) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+def _is_temporary(path: Path) -> bool:
+    """A hidden temporary file of :func:`atomic_open` / :func:`write_part` (a write that never
+    completed)."""
+    return path.name.startswith(".") and ".tmp-" in path.name
+
+
+def has_no_finished_part(root: str | Path) -> bool:
+    """Whether ``root`` is a store that never finished anything, safe to replace.
+
+    True when ``root`` holds a ``store.json`` that lists no experiment and no synteny, and
+    nothing else but ``manifest.tsv``, hidden temporary files and ``tracks/`` / ``synteny/``
+    folders without a finished file: what a first ingest stopped before its first part (a
+    corrupt or mismatched input found while planning, an interrupted run) leaves. Anything
+    else (a part, a file epiray did not write, an unreadable ``store.json``) makes it False.
+    """
+    root = Path(root)
+    try:
+        summary = json.loads((root / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(summary, dict) or summary.get("experiments") or summary.get("synteny"):
+        return False
+    for entry in root.iterdir():
+        if entry.name in (SUMMARY, MANIFEST) and entry.is_file() and not entry.is_symlink():
+            continue
+        if _is_temporary(entry) and entry.is_file():
+            continue
+        if entry.name in ("tracks", "synteny") and entry.is_dir() and not entry.is_symlink():
+            for p in entry.rglob("*"):
+                if p.is_symlink() or (not p.is_dir() and not _is_temporary(p)):
+                    return False
+            continue
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------- parts
 def write_part(
     path: Path,
@@ -248,16 +284,27 @@ class Store:
     ) -> Store:
         """Create an empty store at ``root``.
 
+        A store that never finished a part (:func:`has_no_finished_part`, e.g. what a first
+        ingest stopped by a corrupt input leaves) is not an existing store: it is replaced
+        without ``overwrite``.
+
         Raises
         ------
         StoreError
-            ``root`` exists and is not empty and ``overwrite`` is false.
+            ``root`` exists, is not empty and is not such an unfinished store, and
+            ``overwrite`` is false.
         """
         root = Path(root)
         if dtype not in DTYPES:
             raise StoreError(f"store {root}: unknown dtype {dtype!r}; expected one of {DTYPES}.")
         if root.exists() and any(root.iterdir()):
-            if not overwrite:
+            if not overwrite and not has_no_finished_part(root):
+                if not (root / SUMMARY).is_file():
+                    raise StoreError(
+                        f"store {root}: the folder exists, is not empty and is not an epiray "
+                        f"store (no {SUMMARY}). Choose a new or empty folder for the store, or "
+                        "pass --overwrite to delete its contents and build the store there."
+                    )
                 raise StoreError(
                     f"store {root}: already exists. Pass --overwrite to rebuild it from scratch "
                     "or --resume to reuse it (finished parts are kept, new experiments added)."

@@ -8,8 +8,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+
+
+def ci_requires_run(item: pytest.Item) -> bool:
+    """Whether ``item`` may not be skipped in this session: under ``CI=true`` (as ``.ci/run``
+    sets it), a test marked ``browser`` must run, since CI installs headless Chromium for it."""
+    return os.environ.get("CI") == "true" and item.get_closest_marker("browser") is not None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under ``CI=true``, a skipped ``browser`` test (the MLflow UI in headless Chromium) is a
+    failure: a CI run that never opened the UI must not pass as green."""
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and ci_requires_run(item):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} was skipped under CI=true ({reason}). CI must run the browser "
+            "tests: .ci/run installs headless Chromium (apt-get install chromium, or "
+            "chromium-browser) so that `chromium` or `chromium-browser` is on PATH; install "
+            "it, or run with CI unset to allow the skip."
+        )
+    return report
 
 
 def pytest_collection_modifyitems(config, items):

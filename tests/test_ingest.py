@@ -65,6 +65,44 @@ def test_resume_skips_finished_and_reingests_changed(tmp_path, small_bigwigs, ra
     assert part.stat().st_mtime_ns != m_part
 
 
+def test_failed_first_ingest_does_not_block_its_fix(tmp_path, small_bigwigs, ray_local):
+    """Issue 18: a corrupt bigWig found during the first ingest leaves a store that finished
+    nothing; after fixing the manifest the same command (no --overwrite / --resume) runs."""
+    manifest, sizes, truth = small_bigwigs
+    broken = manifest.parent / "B1.CTCF.broken.bw"
+    broken.write_bytes((manifest.parent / "B1.CTCF.bw").read_bytes()[:3000])
+    m_broken = manifest.parent / "m_broken.tsv"
+    m_broken.write_text(manifest.read_text().replace("B1.CTCF.bw", broken.name))
+    store = tmp_path / "s"
+    with pytest.raises(
+        InputDataError, match=r"experiment B1.CTCF \(.*B1.CTCF.broken.bw\).*corrupt or truncated"
+    ):
+        ingest(cfg_for(m_broken, store))
+    assert [p.name for p in store.iterdir()] == ["store.json"]  # what the failed run left
+    # the fixed manifest, the same command
+    s = ingest(cfg_for(manifest, store))
+    assert sorted(s.experiments()["experiment"]) == sorted(truth)
+    for e, tracks in truth.items():
+        for c, raw in tracks.items():
+            np.testing.assert_allclose(s.read("toy1", c, [e])[0], np.arcsinh(raw), rtol=1e-6)
+    # a store with finished parts is still protected, even one whose summary lists none yet
+    # (a run interrupted after its first parts)
+    with pytest.raises(StoreError, match="already exists.*--overwrite.*--resume"):
+        ingest(cfg_for(manifest, store))
+    s.summary["experiments"] = {}
+    s.save_summary()
+    with pytest.raises(StoreError, match="already exists.*--overwrite.*--resume"):
+        ingest(cfg_for(manifest, store))
+    assert s.part_path("toy1", "chr1", "B1.CTCF").is_file()
+    # a folder holding anything else is not replaced either, and the error says it is no store
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match=r"not an epiray store \(no store.json\).*--overwrite"):
+        ingest(cfg_for(manifest, other))
+    assert (other / "notes.txt").read_text() == "mine"
+
+
 def test_add_experiments_later(tmp_path, small_bigwigs, ray_local):
     manifest, sizes, truth = small_bigwigs
     store = tmp_path / "s"

@@ -556,3 +556,48 @@ def test_mlflow_ui_shows_the_epiray_run(server, epiray_run, tmp_path):
     # EPIRAY_SCREENSHOT_DIR=docs keeps the picture (docs/mlflow_run.png).
     if out := os.environ.get("EPIRAY_SCREENSHOT_DIR"):
         shutil.copyfile(shot, Path(out) / shot.name)
+
+
+CI_GUARD_CASES = """
+import pytest
+
+@pytest.mark.browser
+@pytest.mark.skipif(True, reason="needs headless Chromium (apt-get install chromium)")
+def test_ui_without_chromium():
+    pass
+
+@pytest.mark.browser
+def test_ui_with_chromium():
+    pass
+
+@pytest.mark.skipif(True, reason="needs CUDA")
+def test_gpu_elsewhere():
+    pass
+
+@pytest.mark.browser
+@pytest.mark.xfail(reason="a known failure stays an xfail")
+def test_ui_known_failure():
+    assert False
+"""
+
+
+@pytest.mark.parametrize("ci", ["true", None, "false"])
+def test_ci_fails_a_skipped_browser_test(pytester, monkeypatch, ci):
+    """tests/conftest.py: under CI=true a skipped ``browser`` test fails the session (CI
+    installs Chromium for it); elsewhere it is a skip. Other skips stay skips."""
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    pytester.makeini("[pytest]\nmarkers =\n    browser: needs headless Chromium\n")
+    pytester.makepyfile(test_cases=CI_GUARD_CASES)
+    result = pytester.runpytest("-p", "tests.conftest", "-p", "no:cacheprovider")
+    if ci == "true":
+        result.assert_outcomes(passed=1, skipped=1, errors=1, xfailed=1)
+        result.stdout.fnmatch_lines(
+            ["*test_ui_without_chromium was skipped under CI=true*needs headless Chromium*"]
+        )
+        assert result.ret != 0
+    else:
+        result.assert_outcomes(passed=1, skipped=2, xfailed=1)
+        assert result.ret == 0
