@@ -26,6 +26,10 @@ order of the table):
 * :func:`leave_one_out_folds` -- one fold per target-species experiment.
 * :func:`manifest_folds` -- explicit folds from the table's ``fold`` column.
 
+Training on every track, nothing held out for testing (to impute the pairs never measured),
+needs no builder: it is ``folds.scheme: all`` (also spelled ``none``) of ``epiray train``, one
+fold named ``all``.
+
 Inside the training experiments, :func:`heldout_blocks` picks validation *cells*: random
 genomic blocks of every training track, never trained on, used for early stopping and model
 selection (the default of ``epiray train``), so no experiment is withheld whole.
@@ -847,6 +851,14 @@ def _numbered(name: str) -> bool:
     return name.startswith("fold") and name[4:].lstrip("-").isdigit()
 
 
+_NO_FOLDS_FIX = (
+    "To train on every track with nothing held out for testing, set folds.scheme: all (also "
+    "spelled none); for cross-validation, folds.scheme: experiment (or zero_shot, loo); for "
+    "your own folds, fill the manifest's fold column (0, 1, ... per held-out experiment, "
+    "empty to always train) and ingest it again."
+)
+
+
 def manifest_folds(table: pd.DataFrame) -> Folds:
     """Explicit folds from the table's ``fold`` column.
 
@@ -873,8 +885,8 @@ def manifest_folds(table: pd.DataFrame) -> Folds:
     df = _check_table(table, where)
     if "fold" not in df.columns:
         raise InputDataError(
-            f"{where}: the table has no 'fold' column; expected one naming each held-out "
-            "experiment's fold. Add it to the manifest or use experiment_folds()."
+            f"{where}: the manifest has no 'fold' column; expected one naming each held-out "
+            f"experiment's fold. {_NO_FOLDS_FIX}"
         )
     names = [_fold_name(v) for v in df["fold"]]
     used = sorted(
@@ -883,8 +895,8 @@ def manifest_folds(table: pd.DataFrame) -> Folds:
     )
     if not used:
         raise InputDataError(
-            f"{where}: every 'fold' value is empty; expected at least one experiment in a "
-            "fold. Fill the fold column."
+            f"{where}: every 'fold' value of the manifest is empty; expected at least one "
+            f"experiment in a fold. {_NO_FOLDS_FIX}"
         )
     all_ids = list(df["experiment"])
     folds = tuple(

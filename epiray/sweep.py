@@ -32,7 +32,9 @@ Records:
   (tagged ``epiray.stopped_early``), never ``RUNNING``. The parent holds the trial table, the
   best configuration per (scheme, fold, chromosome, model), the held-out scores of the selected
   trials and, per fold scheme, the comparison table (:func:`epiray.evaluate.comparison_table`)
-  as artifacts (``tables/``) and metrics (``<scheme>/<model>/<metric>_<column>``).
+  as artifacts (``tables/``) and metrics (``<scheme>/<model>/<metric>_<column>``), and each
+  selected model's held-out mean per fold (``heldout_<metric>/<model>/<fold>``, charted by
+  the MLflow UI; :func:`log_heldout_per_fold`).
 
 Model selection uses validation only: per (model, chromosome, scheme, fold) the finished trial
 with the best ``best_<metric>`` is kept, and only its held-out scores enter the comparison. The
@@ -408,11 +410,12 @@ def plan_cells(cfg: SweepConfig) -> list[Cell]:
             i = per_chrom.get(spec.chrom, 0)
             per_chrom[spec.chrom] = i + 1
             fold_index = tcfg.folds.fold if tcfg.folds.fold != "all" else i
-            if cfg.metric.startswith("val") and not spec.validate:
+            if cfg.metric.startswith("val") and not spec.validate and not spec.holdout:
                 problems.append(
-                    f"{where}: chrom {spec.chrom} {spec.fold} has no validation experiments; "
-                    f"expected some, as trials are ranked by {cfg.metric}. Set "
-                    "validation.per_assay (and validation.min_train) in the train config."
+                    f"{where}: chrom {spec.chrom} {spec.fold} has no validation experiments "
+                    f"or cells (validation.scheme: {tcfg.validation.scheme}); expected some, as "
+                    f"trials are ranked by {cfg.metric}. Set validation.scheme: cells (the "
+                    "default) or experiments in the train config."
                 )
                 continue
             cid = ".".join(
@@ -925,7 +928,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             scores=scores,
             comparison=comparison,
         )
-        _log_summary(parent, result, out)
+        _log_summary(parent, result, out, cfg.train.store)
         n_err = int((trials["status"] == "error").sum())
         if n_err:
             log.warning("sweep %s: %d of %d trials failed", cfg.name, n_err, len(trials))
@@ -1143,8 +1146,9 @@ def _close_trial_runs(parent, trials: pd.DataFrame) -> None:
             mlc.set_terminated(run.info.run_id, status="KILLED")
 
 
-def _log_summary(parent, result: SweepResult, out: Path) -> None:
-    """Tables to the parent run and to ``out/<name>/``."""
+def _log_summary(parent, result: SweepResult, out: Path, store_root: str | None = None) -> None:
+    """Tables to the parent run and to ``out/<name>/``; the held-out means per fold and the
+    store (``store_root``, the trials' input dataset) to the parent run."""
     from epiray.store import atomic_write_text
 
     trials = result.trials.drop(columns=["scores_json"], errors="ignore")
@@ -1175,7 +1179,32 @@ def _log_summary(parent, result: SweepResult, out: Path) -> None:
     for s in ("finished", "stopped", "error"):
         metrics[f"trials/{s}"] = float(counts.get(s, 0))
     parent.log_metrics(metrics)
+    log_heldout_per_fold(parent, result)
+    if store_root is not None:
+        from epiray.store import Store
+        from epiray.train import log_store_input
+
+        log_store_input(parent, Store.open(store_root))
     parent.log_text(result.format("markdown"), "tables/summary.md")
+
+
+def log_heldout_per_fold(parent, result: SweepResult) -> dict[str, float]:
+    """Each selected model's held-out mean per fold on the parent run:
+    ``heldout_<metric>/<model>/<fold>`` (``heldout_<metric>/<scheme>/<model>/<fold>`` when the
+    sweep has several fold schemes), and per model a series over folds (step = fold index),
+    for the MLflow UI's charts (:func:`epiray.tracking.log_heldout_comparison`)."""
+    from epiray.tracking import log_heldout_comparison
+
+    logged: dict[str, float] = {}
+    if not len(result.scores) or "scheme" not in result.scores:
+        return logged
+    schemes = list(dict.fromkeys(result.scores["scheme"]))
+    for scheme in schemes:
+        sub = result.scores[result.scores["scheme"] == scheme].drop(columns="scheme")
+        for metric in result.comparison.get(scheme, {}):
+            name = f"heldout_{metric}" + (f"/{scheme}" if len(schemes) > 1 else "")
+            logged |= log_heldout_comparison(parent, sub, metric=metric, name=name)
+    return logged
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -1233,6 +1262,7 @@ __all__: list[str] = [
     "compare",
     "concurrency_limit",
     "load_sweep_config",
+    "log_heldout_per_fold",
     "plan_cells",
     "run_sweep",
     "sweep_storage",

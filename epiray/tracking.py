@@ -18,7 +18,15 @@ timestamped. Fold and chromosome runs hang under parent runs through MLflow's
   tracking URI; :func:`load_model` takes the URI explicitly). Loading needs ``epiray``
   importable: the module is pickled by reference to its class;
 * tags — ``epiray.model``/``chrom``/``fold``/``trial``, the git commit
-  (``mlflow.source.git.commit``, ``epiray.git.dirty``) and the epiray version.
+  (``mlflow.source.git.commit``, ``epiray.git.dirty``) and the epiray version;
+* its input — the track store as an MLflow dataset (name, content hash as digest, location,
+  a profile of what it holds; :meth:`TrackedRun.log_dataset`).
+
+Every experiment epiray creates or reuses is tagged ``mlflow.experimentKind =
+custom_model_development``, so the MLflow UI opens it on its runs table (the machine-learning
+view) rather than on the GenAI overview of traces and tokens. Parent runs (quickstart, sweep)
+hold the comparison of their children as metrics, ``heldout_<metric>/<model>/<fold>``
+(:func:`log_heldout_comparison`), which the UI charts.
 
 Everything goes through an explicit :class:`mlflow.MlflowClient` and explicit run ids — no active
 run, no global tracking URI — so it works the same on the driver, in Ray workers and in threads.
@@ -91,6 +99,10 @@ TAG_GIT_BRANCH = "mlflow.source.git.branch"
 TAG_GIT_DIRTY = "epiray.git.dirty"
 TAG_VERSION = "epiray.version"
 TAG_ERROR = "epiray.error"
+#: Experiment tag the MLflow 3 UI reads to choose an experiment's view, and epiray's value:
+#: the runs table of a model-training experiment, not the GenAI overview (traces, tokens).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 
@@ -441,10 +453,16 @@ def _register_open(run: TrackedRun) -> None:
 
 
 def _experiment_id(mlc: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created if needed; tagged as a model-training experiment
+    (:data:`TAG_EXPERIMENT_KIND`) unless it already has a kind (a user's choice is kept)."""
     exp = mlc.get_experiment_by_name(name)
     if exp is None:
         try:
-            return mlc.create_experiment(name, artifact_location=artifact_location)
+            return mlc.create_experiment(
+                name,
+                artifact_location=artifact_location,
+                tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
+            )
         except MlflowException:
             # Another process (a Ray worker, a parallel trial) created it first.
             exp = mlc.get_experiment_by_name(name)
@@ -456,6 +474,11 @@ def _experiment_id(mlc: MlflowClient, name: str, artifact_location: str | None) 
             f"experiment, got lifecycle_stage 'deleted'. Restore it (`mlflow experiments "
             f"restore --experiment-id {exp.experiment_id}`) or choose another name."
         )
+    if TAG_EXPERIMENT_KIND not in (exp.tags or {}):
+        # an experiment made before epiray set the kind (or by hand): MLflow's UI would open
+        # it on the GenAI overview
+        with contextlib.suppress(MlflowException):
+            mlc.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -783,6 +806,64 @@ class TrackedRun:
             data = figure_to_png(figure)
         self._log_file(data, artifact_file)
 
+    def log_dataset(
+        self,
+        name: str,
+        digest: str,
+        source: str | Path,
+        profile: Mapping[str, Any] | None = None,
+        context: str = "training",
+    ) -> None:
+        """Record a dataset as an input of the run (the UI's *Datasets used*; the run table's
+        ``Dataset`` column), as an MLflow meta dataset: name, digest and location, no data.
+
+        Logging the same dataset again (a resumed run) adds nothing.
+
+        Parameters
+        ----------
+        name
+            Dataset name, e.g. the store folder's name.
+        digest
+            A stable hash of its content (the store hash): runs on the same data share it.
+        source
+            Where it lives: a local path (recorded as a ``file://`` URI) or a URI.
+        profile
+            A small JSON-serialisable summary (counts of experiments, assemblies, ...).
+        context
+            The ``mlflow.data.context`` input tag, e.g. ``"training"``.
+        """
+        if not self.enabled:
+            return
+        from mlflow.data.dataset_source_registry import (
+            get_dataset_source_from_json,
+            resolve_dataset_source,
+        )
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        uri = str(source)
+        if "://" not in uri:
+            uri = Path(uri).expanduser().resolve().as_uri()
+        if uri.startswith("file:"):
+            src = get_dataset_source_from_json(json.dumps({"uri": uri}), "local")
+        else:  # s3://, gs://, ...: MLflow's own source type for the scheme
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                src = resolve_dataset_source(uri)
+        entity = MetaDataset(src, name=name, digest=digest)._to_mlflow_entity()
+        if profile is not None:  # a meta dataset has no profile of its own
+            entity = Dataset(
+                entity.name,
+                entity.digest,
+                entity.source_type,
+                entity.source,
+                entity.schema,
+                json.dumps(dict(profile), default=str, sort_keys=True),
+            )
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)] if context else []
+        self._client.log_inputs(self.run_id, [DatasetInput(entity, tags)])
+
     def log_model(
         self,
         model: torch.nn.Module,
@@ -958,6 +1039,65 @@ def _find_resumable(
         [experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1
     )
     return runs[0].info.run_id if runs else None
+
+
+def _fold_step(fold: str, position: int) -> int:
+    # "fold3" -> 3; other fold names (manifest folds, "all") by position
+    tail = fold[4:] if fold.startswith("fold") else ""
+    return int(tail) if tail.isdigit() else position
+
+
+def log_heldout_comparison(
+    run: TrackedRun,
+    scores: pd.DataFrame,
+    metric: str = "mse",
+    name: str | None = None,
+) -> dict[str, float]:
+    """Log each model's held-out mean ``metric`` per fold on a parent run, for the UI's charts.
+
+    Per fold, the mean is the ``overall`` column of :func:`epiray.evaluate.comparison_table`
+    (over the experiments every model of the fold scored, as the printed table is).
+
+    Parameters
+    ----------
+    run
+        The parent run (quickstart, sweep); nothing is logged when it is disabled.
+    scores
+        Long score table with ``model``, ``experiment``, ``fold`` and ``metric`` (one row per
+        model, experiment and chromosome of each fold).
+    metric
+        The metric column, e.g. ``"mse"``.
+    name
+        Metric name prefix; default ``heldout_<metric>``.
+
+    Returns
+    -------
+    dict
+        ``{"<name>/<model>/<fold>": mean}`` as logged (step 0). Each model's values are also
+        logged as one series ``<name>/<model>`` with the fold index as step (``fold2`` -> 2),
+        which the UI draws as a line across folds.
+    """
+    from epiray.evaluate import comparison_table
+
+    name = name or f"heldout_{metric}"
+    out: dict[str, float] = {}
+    if not run.enabled or not len(scores) or not {"model", "fold", metric} <= set(scores):
+        return out
+    folds = list(dict.fromkeys(str(f) for f in scores["fold"]))
+    folds.sort(key=lambda f: (_fold_step(f, 10**9), f))
+    for position, fold in enumerate(folds):
+        sub = scores[scores["fold"].astype(str) == fold]
+        if not sub[metric].notna().any():
+            continue
+        table = comparison_table(sub, metric=metric)
+        series = {}
+        for model, value in table["overall"].items():
+            if value is not None and np.isfinite(value):
+                out[f"{name}/{model}/{fold}"] = float(value)
+                series[f"{name}/{model}"] = float(value)
+        run.log_metrics(series, step=_fold_step(fold, position))
+    run.log_metrics(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

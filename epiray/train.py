@@ -35,7 +35,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from epiray.config import Section, dump_config
-from epiray.errors import ConfigError, EpirayError, StoreError
+from epiray.errors import ConfigError, EpirayError
 from epiray.evaluate import AVERAGE_ACTIVITY
 from epiray.folds import heldout_fraction
 from epiray.loader import Aux, load_chrom_data, shard_bounds, slab_size
@@ -65,10 +65,30 @@ class ModelSection(Section):
 
 
 class FoldSection(Section):
-    """``folds``: which experiments train and which are held out (see :mod:`epiray.folds`)."""
+    """``folds``: which experiments train and which are held out (see :mod:`epiray.folds`).
+
+    ``scheme``
+        ``all`` (also spelled ``none``): train on every track of the target assembly, none
+        held out for testing — the setting for imputing the pairs never measured (one run per
+        chromosome, fold ``all``). ``experiment``: ``k``-fold cross-validation of the
+        experiments. ``zero_shot``: ``k`` partitions of the assays of ``category``, each fold
+        holding out every target-species experiment of one partition. ``zero_shot_category``:
+        the whole category at once. ``loo``: one fold per experiment. ``manifest``: the
+        manifest's ``fold`` column. ``predictd``: the PREDICTD split
+        (``predictd_splits``).
+    ``fold``
+        The fold to train (an index into the scheme's folds) or ``all`` of them.
+    """
 
     scheme: Literal[
-        "none", "experiment", "zero_shot", "zero_shot_category", "loo", "manifest", "predictd"
+        "all",
+        "none",
+        "experiment",
+        "zero_shot",
+        "zero_shot_category",
+        "loo",
+        "manifest",
+        "predictd",
     ] = "experiment"
     k: int = Field(3, ge=2)
     fold: int | Literal["all"] = 0
@@ -201,6 +221,8 @@ class RunSpec:
     holdout: dict[str, Any] | None = None
     refit: bool = False
     threads: int | None = None
+    #: the run's first line (:func:`run_summary`)
+    summary: str = ""
 
 
 def experiment_table(store: Store) -> pd.DataFrame:
@@ -211,12 +233,16 @@ def experiment_table(store: Store) -> pd.DataFrame:
     ].copy()
 
 
+#: fold schemes that train on every track (no experiment held out for testing)
+TRAIN_ON_ALL = ("all", "none")
+
+
 def build_folds(cfg: TrainConfig, table: pd.DataFrame, target_species: str):
     """The :class:`epiray.folds.Folds` of the config."""
     from epiray import folds as F
 
     f = cfg.folds
-    if f.scheme == "none":
+    if f.scheme in TRAIN_ON_ALL:
         return F.Folds("none", (F.Fold("all", tuple(sorted(table["experiment"])), ()),))
     if f.scheme == "experiment":
         return F.experiment_folds(table, k=f.k, target_species=target_species, seed=f.seed)
@@ -241,10 +267,15 @@ def build_folds(cfg: TrainConfig, table: pd.DataFrame, target_species: str):
 def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
     """Validate the config against the store and list the (chromosome, fold) runs.
 
+    Everything a run needs is checked here, before a worker starts (``epiray train --plan``
+    and sweeps call it too): chromosomes, folds, training data, and the other-species tracks
+    (:func:`check_other_species`).
+
     Raises
     ------
     ConfigError, StoreError
-        Unknown assembly/chromosome/synteny, no training data, ...
+        Unknown assembly/chromosome/synteny, a cross-species model without synteny and
+        ``aux_species``, no training data, ...
     """
     store = Store.open(cfg.store)
     asm = store.assembly(cfg.assembly)
@@ -257,12 +288,8 @@ def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
         )
     table = experiment_table(store)
     target_species = asm.species
-    if cfg.synteny is not None and cfg.synteny not in store.summary.get("synteny", {}):
-        raise StoreError(
-            f"train config: synteny {cfg.synteny!r} not in store {store.root} (it has "
-            f"{sorted(store.summary.get('synteny', {}))}). Run `epiray synteny` first or set "
-            "synteny: null."
-        )
+    params = cfg.model_params()
+    check_other_species(cfg, store, params)
     use_aux = cfg.synteny is not None and cfg.aux_species
     in_scope = table[
         (table["assembly"] == cfg.assembly) | (use_aux & (table["species"] != target_species))
@@ -276,7 +303,7 @@ def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
                 f"folds of scheme {cfg.folds.scheme!r}."
             )
         fold_list = [fold_list[cfg.folds.fold]]
-    params = cfg.model_params()
+    species = dict(zip(in_scope["experiment"], in_scope["species"], strict=True))
     rng_seed = cfg.folds.seed
     specs = []
     checksums = {
@@ -322,6 +349,15 @@ def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
                     f"train config: fold {fold.name} of chrom {chrom} has no training "
                     f"experiments of {cfg.assembly}."
                 )
+            if needs_other_species(params) and not aux:
+                raise ConfigError(
+                    f"train config: model {cfg.model.name} variant {params.variant} trains on "
+                    f"other-species tracks, but fold {fold.name} of chrom {chrom} has none "
+                    f"through synteny {cfg.synteny!r} (the store's other-species experiments "
+                    "are all held out, or there are none); expected at least one. Ingest the "
+                    "other species' tracks, choose another fold scheme, or use variant: "
+                    "mouse_only."
+                )
             name = f"{cfg.label}.{chrom}.{fold.name}"
             specs.append(
                 RunSpec(
@@ -350,7 +386,145 @@ def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
                     else cfg.scaling.threads_per_worker,
                 )
             )
+            specs[-1].summary = run_summary(specs[-1], species, cfg)
     return store, specs
+
+
+def needs_other_species(params: Any) -> bool:
+    """Whether a model's params train it on other-species tracks (Avocado's
+    ``cross_species`` and ``concat`` variants): without them it cannot be built."""
+    return getattr(params, "variant", None) in ("cross_species", "concat")
+
+
+def check_other_species(cfg: TrainConfig, store: Store, params: Any = None) -> None:
+    """Refuse, before anything starts, a config whose other-species tracks cannot work.
+
+    Checked: ``synteny`` names a mapping of the store onto ``assembly``; ``aux_species: true``
+    comes with a ``synteny``; a model that trains on other-species tracks
+    (:func:`needs_other_species`) has both.
+
+    Raises
+    ------
+    ConfigError
+        Naming the keys to set, their values and the store's synteny mappings.
+    """
+    params = params if params is not None else cfg.model_params()
+    mappings = store.summary.get("synteny", {}) or {}
+    onto = sorted(
+        n for n, m in mappings.items() if m.get("mouse_assembly") in (None, cfg.assembly)
+    )
+    if onto:
+        has = f"store {store.root} has the synteny mappings {onto} onto {cfg.assembly}"
+    elif mappings:
+        has = (
+            f"store {store.root} has no synteny mapping onto {cfg.assembly} (only "
+            f"{sorted(mappings)}); build one with `epiray synteny --store {store.root} "
+            f"--chain CHAIN --mouse-assembly {cfg.assembly} --human-assembly ASM --name NAME`"
+        )
+    else:
+        has = (
+            f"store {store.root} has no synteny mapping yet; build one with `epiray synteny "
+            f"--store {store.root} --chain CHAIN --mouse-assembly {cfg.assembly} "
+            "--human-assembly ASM --name NAME`"
+        )
+    example = onto[0] if onto else "NAME"
+    if cfg.synteny is not None:
+        if cfg.synteny not in mappings:
+            raise ConfigError(
+                f"train config: synteny {cfg.synteny!r} is not in store {store.root}; expected "
+                f"one of its mappings, got {cfg.synteny!r} ({has}). Set synteny: {example}, "
+                "or synteny: null (and aux_species: false) to train without other species."
+            )
+        target = mappings[cfg.synteny].get("mouse_assembly")
+        if target not in (None, cfg.assembly):
+            raise ConfigError(
+                f"train config: synteny {cfg.synteny!r} maps onto assembly {target}; expected "
+                f"a mapping onto the target assembly {cfg.assembly} ({has}). Set "
+                f"synteny: {example}, or assembly: {target}."
+            )
+    variant = getattr(params, "variant", None)
+    if needs_other_species(params) and (cfg.synteny is None or not cfg.aux_species):
+        missing = ([f"synteny: {example}"] if cfg.synteny is None else []) + (
+            [] if cfg.aux_species else ["aux_species: true"]
+        )
+        raise ConfigError(
+            f"train config: model {cfg.model.name} variant {variant} trains on other-species "
+            f"tracks mapped through synteny; expected synteny and aux_species: true, got "
+            f"synteny: {cfg.synteny or 'null'}, aux_species: {str(cfg.aux_species).lower()} "
+            f"(0 other-species tracks). Set {' and '.join(missing)} ({has}), or use "
+            "variant: mouse_only."
+        )
+    if cfg.aux_species and cfg.synteny is None:
+        raise ConfigError(
+            f"train config: aux_species: true adds the other species' tracks through a "
+            f"synteny mapping; expected synteny set, got synteny: null. Set synteny: {example} "
+            f"({has}), or aux_species: false."
+        )
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g} %"
+
+
+def run_summary(spec: RunSpec, species: dict[str, str], cfg: TrainConfig | None = None) -> str:
+    """The first line of a run: what it trains on and what it holds out, e.g.
+    ``avocado_mouse_only chr1: training on all 29 mouse tracks, 5 % of their bins held out for
+    validation`` or ``edice chr1 fold0: training on 137 tracks (29 mouse + 108 human through
+    synteny hs2mm), 8 held out for testing, 5 % of the mouse tracks' bins held out for
+    validation``.
+
+    Parameters
+    ----------
+    spec
+        The run.
+    species
+        Experiment -> species of the run's experiments.
+    cfg
+        Its config: says when ``validation.max_cells`` lowered the held-out share, and how
+        many epochs a run without validation trains.
+    """
+
+    def by_species(exps: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in exps:
+            out[species.get(e, "?")] = out.get(species.get(e, "?"), 0) + 1
+        return out
+
+    own = by_species(spec.train)
+    aux = by_species(spec.aux)
+    own_txt = " + ".join(f"{n} {sp}" for sp, n in own.items())
+    held_whole = spec.evaluate or spec.unscored or spec.validate
+    every = "" if held_whole else "all "
+    if aux:
+        aux_txt = " + ".join(f"{n} {sp}" for sp, n in aux.items())
+        n = len(spec.train) + len(spec.aux)
+        tracks = f"{every}{n} tracks ({own_txt} + {aux_txt} through synteny {spec.aux_name})"
+    else:
+        tracks = f"{every}{own_txt} tracks"
+    parts = [f"training on {tracks}"]
+    if spec.evaluate:
+        parts.append(f"{len(spec.evaluate)} held out for testing")
+    if spec.unscored:
+        parts.append(f"{len(spec.unscored)} held out unscored")
+    if spec.validate:
+        parts.append(f"{len(spec.validate)} held out for validation")
+    if spec.holdout:
+        frac = spec.holdout["fraction"]
+        whose = f"the {' and '.join(own)} tracks'" if aux else "their"
+        text = f"{_percent(frac)} of {whose} bins held out for validation"
+        if cfg is not None and frac < cfg.validation.fraction:
+            text += (
+                f" ({_percent(cfg.validation.fraction)} lowered to at most "
+                f"{cfg.validation.max_cells:,} cells by validation.max_cells)"
+            )
+        parts.append(text)
+    if spec.refit:
+        parts.append("then retrained on every bin for the epochs validation chose")
+    elif not spec.holdout and not spec.validate:
+        epochs = f"all {cfg.train.epochs} epochs" if cfg is not None else "every epoch"
+        parts.append(f"no validation: trains {epochs}")
+    where = f"{spec.label} {spec.chrom}" + ("" if spec.fold == "all" else f" {spec.fold}")
+    return f"{where}: " + ", ".join(parts)
 
 
 def _pick_validation(
@@ -827,6 +1001,11 @@ def run_one(
 ) -> RunResult:
     """Train one (chromosome, fold) with a ``TorchTrainer``, then score the held-out tracks.
 
+    The run starts by logging its first line (:attr:`RunSpec.summary`: what it trains on and
+    holds out) and writing its resolved config to ``<out>/<run name>.resolved.yaml`` (one
+    file per run, written atomically; the same YAML is the MLflow run's ``config.yaml``); its
+    MLflow run records the store as its input dataset (:func:`log_store_input`).
+
     ``trial`` (a Ray Tune trial id) is appended to the MLflow run name and tagged;
     ``callbacks`` are Ray Train ``UserCallback`` objects for the run's ``RunConfig`` (a sweep
     passes ``ray.tune.integration.ray_train.TuneReportCallback`` so per-epoch metrics reach
@@ -838,6 +1017,10 @@ def run_one(
     from epiray.tracking import start_run
 
     name = Path(spec.out_dir).name
+    log.info("%s", spec.summary or f"training {name}")
+    # the config of this run, beside its run directory (one file per run: never another's)
+    dump_config(cfg, Path(cfg.out) / f"{name}.resolved.yaml")
+    store = Store.open(spec.store)
     tracked = start_run(
         cfg.tracking,
         model=spec.label,
@@ -852,6 +1035,10 @@ def run_one(
     )
     with tracked:
         spec.mlflow_run_id, spec.tracking_uri = tracked.run_id, tracked.tracking_uri
+        tracked.log_config(cfg)
+        if spec.summary:
+            tracked.set_tags({"epiray.summary": spec.summary})
+        log_store_input(tracked, store)
         use_gpu = _use_gpu(cfg.scaling)
         resources = {"CPU": cfg.scaling.cpus_per_worker}
         if use_gpu:
@@ -878,13 +1065,11 @@ def run_one(
             raise EpirayError(f"train {name}: training failed: {result.error}")
         ckpt = result.checkpoint.path
         history = pd.DataFrame(json.loads((Path(ckpt) / META).read_text())["history"])
-        store = Store.open(spec.store)
         scores = score_run(store, spec)
         aa = fold_average_activity(store, spec) if cfg.baseline or tracked.enabled else {}
         if cfg.baseline:
             baseline = score_average_activity(store, spec, aa)
             scores = pd.concat([scores, baseline], ignore_index=True)
-        tracked.log_config(cfg)
         tracked.set_tags({"epiray.checkpoint": ckpt})
         if len(scores):
             tracked.log_scores(scores)
@@ -904,6 +1089,33 @@ def run_one(
                 step = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
                 log_trained_model(tracked, shards, cfg.tracking.log_model_max_context_mb, step)
         return RunResult(spec, ckpt, scores, history, tracked.run_id)
+
+
+def log_store_input(tracked, store: Store) -> None:
+    """Record the store as the run's input dataset in MLflow: its folder name, its content
+    hash (:attr:`~epiray.store.Store.store_hash`) as digest, its location and a profile
+    (experiments in all and per assembly, assemblies with their species, bin size, dtype,
+    manifest hash, synteny mappings)."""
+    if not tracked.enabled:
+        return
+    s = store.summary
+    exps = s.get("experiments", {})
+    per_assembly: dict[str, int] = {}
+    for v in exps.values():
+        per_assembly[v.get("assembly", "?")] = per_assembly.get(v.get("assembly", "?"), 0) + 1
+    profile = {
+        "experiments": len(exps),
+        "experiments_per_assembly": per_assembly,
+        "assemblies": {
+            a: {"species": v.get("species"), "chroms": len(v.get("chrom_sizes", {}))}
+            for a, v in s.get("assemblies", {}).items()
+        },
+        "bin_size": s.get("bin_size"),
+        "dtype": s.get("dtype"),
+        "manifest_hash": s.get("manifest_hash"),
+        "synteny": sorted(s.get("synteny", {}) or {}),
+    }
+    tracked.log_dataset(store.root.name, store.store_hash, store.root, profile)
 
 
 def log_run_plots(
@@ -1138,28 +1350,15 @@ def train(cfg: TrainConfig, *, parent=None) -> list[RunResult]:
     Re-running the same config resumes unfinished runs from their last checkpoint (Ray
     Train's job-level restoration by run name and storage path) and retrains nothing that
     already finished... only if its checkpoint exists; finished runs are trained again only
-    when ``out`` was cleared.
+    when ``out`` was cleared. Each run's resolved config is ``<out>/<run name>.resolved.yaml``
+    (:func:`run_one`).
     """
     from epiray.runtime import ensure_ray
 
     _, specs = plan_runs(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, Path(cfg.out) / "train.resolved.yaml")
     ensure_ray()
-    results = []
-    for spec in specs:
-        log.info(
-            "training %s on %s fold %s: %d train, %d validate, %d evaluate, %d aux",
-            spec.label,
-            spec.chrom,
-            spec.fold,
-            len(spec.train),
-            len(spec.validate),
-            len(spec.evaluate),
-            len(spec.aux),
-        )
-        results.append(run_one(spec, cfg, parent=parent))
-    return results
+    return [run_one(spec, cfg, parent=parent) for spec in specs]
 
 
 def write_summary(results: Sequence[RunResult], path: Path) -> pd.DataFrame:

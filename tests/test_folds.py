@@ -234,8 +234,11 @@ def test_invalid_tables_and_options(table: pd.DataFrame):
         F.zero_shot_category_fold(table, category="chromatin", target_species="mouse")
     with pytest.raises(InputDataError, match=r"both train and evaluate"):
         F.Folds("custom", (F.Fold("f", train=("a", "b"), evaluate=("b",)),))
-    with pytest.raises(InputDataError, match=r"no 'fold' column"):
+    # without folds in the manifest, the error says how to train on everything instead
+    with pytest.raises(InputDataError, match=r"no 'fold' column.*set folds\.scheme: all"):
         F.manifest_folds(table)
+    with pytest.raises(InputDataError, match=r"every 'fold' value .* empty.*folds\.scheme: all"):
+        F.manifest_folds(table.assign(fold=""))
 
 
 # ---------------------------------------------------------------------------------------------

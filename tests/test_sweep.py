@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from epiray.errors import ConfigError
+from epiray.store import Store
 from epiray.sweep import (
     Cell,
     SchedulerSection,
@@ -322,6 +323,12 @@ def test_plan_cells_expands_chromosomes_folds_and_variants(sweep_train):
     )
     with pytest.raises(ConfigError, match="no validation experiments.*ranked by val_mse"):
         plan_cells(noval)
+    # validation cells (the train default) rank trials too
+    base = cfg.train.model_dump(mode="json")
+    cells_val = cfg.model_copy(
+        update={"train": TrainConfig.model_validate({**base, "validation": {"scheme": "cells"}})}
+    )
+    assert len(plan_cells(cells_val)) == len(cells)
 
 
 def _mlflow_runs(uri: str, experiment: str):
@@ -389,6 +396,24 @@ def test_sweep_asha_mlflow_comparison_and_restore(sweep_train):
         table.loc["small", "overall"]
     )
     assert parent.data.metrics["trials/stopped"] == 2
+    # the comparison per fold, for the UI's charts; a model-training experiment
+    for model in ("small", "wide", "average_activity"):
+        assert parent.data.metrics[f"heldout_mse/{model}/fold0"] == pytest.approx(
+            table.loc[model, "overall"]
+        )
+    exp = mlc.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    store_hash = Store.open(train["store"]).store_hash
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == [store_hash]
+    # every trial's run kept its own resolved config and recorded the store as its input
+    runs_dir = out / "e2e" / "e2e" / "runs"
+    for tid, row in res.trials.set_index("trial_id").iterrows():
+        resolved = yaml.safe_load(
+            (runs_dir / f"{row['model']}.chr1.fold0.{tid}.resolved.yaml").read_text()
+        )
+        assert resolved["train"]["lr"] == row["train.lr"]
+        (ds,) = by_trial[tid].inputs.dataset_inputs
+        assert ds.dataset.digest == store_hash
     arts = {a.path for a in mlc.list_artifacts(parent.info.run_id, "tables")}
     assert {
         "tables/comparison_experiment_mse.csv",

@@ -602,3 +602,76 @@ def test_tracking_uri_from_environment(monkeypatch, tmp_path):
     monkeypatch.setattr(tracking, "ENV_TRACKING_URI", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5998")
     assert TrackingConfig().resolved_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the MLflow UI shows: experiment kind, input dataset, parent comparison metrics
+
+
+def test_experiments_are_tagged_as_model_training(logged):
+    """The MLflow 3 UI opens an experiment on its runs table, not the GenAI overview, when it
+    is tagged as model development; an older experiment is tagged when next used, and a kind a
+    user chose is kept."""
+    cfg, base = logged["cfg"], logged["base"]
+    mlc = tracking.client(logged["uri"])
+    exp = mlc.get_experiment_by_name(cfg.experiment)
+    assert exp.tags[tracking.TAG_EXPERIMENT_KIND] == "custom_model_development"
+    # made before epiray set the kind
+    old_id = mlc.create_experiment("made-by-hand")
+    assert tracking.TAG_EXPERIMENT_KIND not in mlc.get_experiment(old_id).tags
+    with tracking.start_run(TrackingConfig(experiment="made-by-hand"), name="x", base_dir=base):
+        pass
+    assert mlc.get_experiment(old_id).tags[tracking.TAG_EXPERIMENT_KIND] == (
+        "custom_model_development"
+    )
+    # a kind set by the user stays
+    mine = mlc.create_experiment("mine", tags={tracking.TAG_EXPERIMENT_KIND: "forecasting"})
+    with tracking.start_run(TrackingConfig(experiment="mine"), name="x", base_dir=base):
+        pass
+    assert mlc.get_experiment(mine).tags[tracking.TAG_EXPERIMENT_KIND] == "forecasting"
+
+
+def test_log_dataset_records_the_input_once(logged, tmp_path):
+    cfg, base = logged["cfg"], logged["base"]
+    store = tmp_path / "my_store"
+    with tracking.start_run(cfg, model="avocado", chrom="chr2", fold=0, base_dir=base) as run:
+        for _ in range(2):  # a resumed run logs it again: still one input
+            run.log_dataset("my_store", "0123abcd", store, {"experiments": 3})
+        run_id = run.run_id
+    inputs = tracking.client(logged["uri"]).get_run(run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    (ds,) = inputs
+    assert (ds.dataset.name, ds.dataset.digest) == ("my_store", "0123abcd")
+    assert ds.dataset.source_type == "local"
+    assert store.as_uri() in ds.dataset.source
+    assert '"experiments": 3' in ds.dataset.profile
+    assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "training"
+    # disabled runs log nothing and do not fail
+    tracking.TrackedRun(cfg, None, None, None, None).log_dataset("s", "d", store)
+
+
+def test_log_heldout_comparison_charts_each_model_per_fold(logged):
+    cfg, base = logged["cfg"], logged["base"]
+    rows = []
+    for fold, shift in (("fold0", 0.0), ("fold2", 0.1)):
+        for model, mse in (("avocado", 0.2), ("average_activity", 0.3)):
+            for e, d in (("E1", 0.0), ("E2", 0.02)):
+                rows.append(
+                    {"model": model, "experiment": f"{fold}.{e}", "fold": fold, "chrom": "chr1"}
+                    | {"category": "protein_binding", "mse": mse + shift + d}
+                )
+    scores = pd.DataFrame(rows)
+    with tracking.start_run(cfg, name="comparison", base_dir=base) as parent:
+        logged_metrics = tracking.log_heldout_comparison(parent, scores, metric="mse")
+        run_id = parent.run_id
+    mlc = tracking.client(logged["uri"])
+    metrics = mlc.get_run(run_id).data.metrics
+    assert logged_metrics == {k: v for k, v in metrics.items() if k.count("/") == 2}
+    assert metrics["heldout_mse/avocado/fold0"] == pytest.approx(0.21)
+    assert metrics["heldout_mse/avocado/fold2"] == pytest.approx(0.31)
+    assert metrics["heldout_mse/average_activity/fold0"] == pytest.approx(0.31)
+    # one series per model across folds, the fold index as step
+    hist = mlc.get_metric_history(run_id, "heldout_mse/avocado")
+    assert sorted((m.step, round(m.value, 6)) for m in hist) == [(0, 0.21), (2, 0.31)]
+    # nothing to log: no error
+    assert tracking.log_heldout_comparison(parent, scores.iloc[:0]) == {}

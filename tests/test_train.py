@@ -56,7 +56,7 @@ def test_plan_validates(tmp_path, tiny_store):
     _, store = tiny_store
     with pytest.raises(ConfigError, match=r"chroms \['chr9'\] not in assembly mmSyn1"):
         plan_runs(config(tmp_path, store, chroms=["chr9"]))
-    with pytest.raises(StoreError, match="synteny 'nope' not in store"):
+    with pytest.raises(ConfigError, match="synteny 'nope' is not in store"):
         plan_runs(config(tmp_path, store, synteny="nope", aux_species=True))
     with pytest.raises(ConfigError, match="folds.fold 5"):
         plan_runs(config(tmp_path, store, folds=FoldSection(fold=5)))
@@ -66,10 +66,19 @@ def test_plan_validates(tmp_path, tiny_store):
     assert all(e.startswith("mm.") for e in s.train + s.evaluate)
 
 
-def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
+def test_two_workers_train_score_and_resume(tmp_path, tiny_store, caplog):
+    import logging
+
+    import yaml
+
     res, store = tiny_store
     cfg = config(tmp_path, store)
+    caplog.set_level(logging.INFO, logger="epiray.train")
     (r,) = train(cfg)
+    # the run's first line says what it trains on and holds out
+    first = [m for m in caplog.messages if m.startswith("avocado_mouse_only chr1 fold0:")]
+    assert first == [r.spec.summary]
+    assert f"training on {len(r.spec.train)} mouse tracks" in first[0]
     ck = r.checkpoint
     run_dir = tmp_path / "runs" / "avocado_mouse_only.chr1.fold0"
     # a checkpoint every epoch, the last one only once (as the final); Ray keeps two
@@ -102,6 +111,18 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     from epiray.runtime import REUSE_MALLOC_TUNABLES
 
     assert run.data.tags["epiray.worker_glibc_tunables"] == REUSE_MALLOC_TUNABLES
+    # the MLflow UI: a model-training experiment, the store as the run's input dataset
+    exp = mlc.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (ds,) = run.inputs.dataset_inputs
+    assert (ds.dataset.name, ds.dataset.digest) == (store.root.name, store.store_hash)
+    assert store.root.resolve().as_uri() in ds.dataset.source
+    assert json.loads(ds.dataset.profile)["experiments"] == len(store.summary["experiments"])
+    # the resolved config: one file per run, also the run's config.yaml
+    resolved = tmp_path / "runs" / "avocado_mouse_only.chr1.fold0.resolved.yaml"
+    assert not (tmp_path / "runs" / "train.resolved.yaml").exists()
+    assert yaml.safe_load(resolved.read_text()) == cfg.model_dump(mode="json")
+    assert "config.yaml" in {a.path for a in mlc.list_artifacts(r.mlflow_run_id)}
 
     # seeded: the same config trained again from scratch elsewhere reproduces the run
     (again,) = train(config(tmp_path / "again", store))
@@ -113,6 +134,8 @@ def test_two_workers_train_score_and_resume(tmp_path, tiny_store):
     (r2,) = train(cfg.model_copy(update={"train": more}))
     meta2 = json.loads(open(f"{r2.checkpoint}/meta.json").read())
     assert meta2["epoch"] == 5
+    assert yaml.safe_load(resolved.read_text())["train"]["epochs"] == 5  # its own config
+    assert len(mlc.get_run(r2.mlflow_run_id).inputs.dataset_inputs) == 1
     assert sorted(p.name for p in run_dir.glob("epoch*")) == ["epoch0004", "epoch0005_final"]
     # every epoch is still reported (the new config's MLflow run logs the two it trained)
     steps = [m.step for m in mlc.get_metric_history(r2.mlflow_run_id, "train/mse")]
@@ -217,3 +240,122 @@ def test_cell_validation_and_refit(tmp_path, tiny_store):
     legacy = ValidationSection.model_validate({"per_assay": 1})
     assert legacy.scheme == "experiments"
     assert ValidationSection.model_validate({"per_assay": 0}).scheme == "none"
+
+
+def _with_synteny(tmp_path, store, mappings):
+    """A copy of the store's summary with synteny mappings added (enough to plan runs: the
+    plan reads no track)."""
+    from epiray.store import SUMMARY, Store
+
+    root = tmp_path / ("store_" + "_".join(mappings))
+    root.mkdir()
+    summary = json.loads((store.root / SUMMARY).read_text())
+    summary["synteny"] = mappings
+    (root / SUMMARY).write_text(json.dumps(summary))
+    return Store.open(root)
+
+
+def test_plan_refuses_other_species_configs_that_cannot_work(tmp_path, tiny_store, capsys):
+    """A cross-species model without synteny and aux_species, aux_species without synteny
+    (eDICE too), a synteny the store lacks or one onto another assembly: refused when planned,
+    naming the keys to set and the store's mappings, not in a Ray worker."""
+    from epiray.cli import main
+    from epiray.config import dump_config
+
+    _, bare = tiny_store
+    avocado = {"n_nodes": 32, "n_layers": 1, "n_assay_factors": 16}
+    cross = ModelSection(name="avocado", params={**avocado, "variant": "cross_species"})
+    edice = ModelSection(name="edice", params={"dim": 8, "heads": 2, "n_targets": 2})
+    # the store has no mapping: the message says how to build one
+    with pytest.raises(
+        ConfigError,
+        match=r"(?s)variant cross_species.*got synteny: null, "
+        r"aux_species: false.*Set synteny: NAME and aux_species: true.*"
+        r"no synteny mapping yet.*epiray synteny",
+    ):
+        plan_runs(config(tmp_path, bare, model=cross))
+
+    store = _with_synteny(tmp_path, bare, {"hs2mm": {"mouse_assembly": "mmSyn1"}})
+    with pytest.raises(
+        ConfigError,
+        match=r"(?s)Set synteny: hs2mm and aux_species: true.*"
+        r"synteny mappings \['hs2mm'\] onto mmSyn1.*variant: mouse_only",
+    ):
+        plan_runs(config(tmp_path, store, model=cross))
+    with pytest.raises(
+        ConfigError,
+        match=r"aux_species: false \(0 other-species tracks\)\. Set aux_species: true \(",
+    ):
+        plan_runs(config(tmp_path, store, model=cross, synteny="hs2mm"))
+    with pytest.raises(
+        ConfigError,
+        match=r"aux_species: true \(0 other-species tracks\)\. "
+        r"Set synteny: hs2mm \(",
+    ):
+        plan_runs(config(tmp_path, store, model=cross, aux_species=True))
+    with pytest.raises(ConfigError, match=r"aux_species: true adds .* Set synteny: hs2mm"):
+        plan_runs(config(tmp_path, store, model=edice, aux_species=True))
+    with pytest.raises(ConfigError, match=r"synteny 'nope' is not in store.*\['hs2mm'\]"):
+        plan_runs(config(tmp_path, store, model=edice, synteny="nope", aux_species=True))
+    other = _with_synteny(tmp_path, bare, {"mm2hs": {"mouse_assembly": "hsSyn1"}})
+    with pytest.raises(ConfigError, match=r"synteny 'mm2hs' maps onto assembly hsSyn1"):
+        plan_runs(config(tmp_path, other, model=edice, synteny="mm2hs", aux_species=True))
+
+    # `epiray train --plan` refuses it too: exit 2, one message
+    cfg = config(tmp_path, store, model=cross)
+    dump_config(cfg, tmp_path / "cross.yaml")
+    assert main(["train", "--config", str(tmp_path / "cross.yaml"), "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert "synteny: hs2mm and aux_species: true" in err and "Traceback" not in err
+
+    # complete: planned with the human tracks, and the run's first line says so
+    _, (spec,) = plan_runs(config(tmp_path, store, model=cross, synteny="hs2mm", aux_species=True))
+    n_human = sum(v["species"] == "human" for v in store.summary["experiments"].values())
+    assert len(spec.aux) == n_human > 0 and spec.aux_name == "hs2mm"
+    assert (
+        f"training on {len(spec.train) + n_human} tracks ({len(spec.train)} mouse + {n_human} "
+        "human through synteny hs2mm)" in spec.summary
+    )
+    assert "5 % of the mouse tracks' bins held out for validation" in spec.summary
+
+
+def test_fold_scheme_all_and_the_run_first_line(tmp_path, tiny_store):
+    """`folds.scheme: all` (also `none`) trains on every track; each run's first line says
+    what it trains on and what it holds out, as it actually does."""
+    from epiray.errors import InputDataError
+    from epiray.train import ValidationSection
+
+    _, store = tiny_store
+    n_mouse = sum(v["species"] == "mouse" for v in store.summary["experiments"].values())
+    _, (spec,) = plan_runs(config(tmp_path, store, folds=FoldSection(scheme="all")))
+    assert spec.fold == "all" and len(spec.train) == n_mouse and not spec.evaluate
+    assert spec.summary == (
+        f"avocado_mouse_only chr1: training on all {n_mouse} mouse tracks, 5 % of their bins "
+        "held out for validation"
+    )
+    _, (same,) = plan_runs(config(tmp_path, store, folds=FoldSection(scheme="none")))
+    assert same.train == spec.train and same.summary == spec.summary
+    # held-out folds
+    _, (cv,) = plan_runs(config(tmp_path, store))
+    assert cv.summary.startswith(
+        f"avocado_mouse_only chr1 fold0: training on {len(cv.train)} mouse tracks, "
+        f"{len(cv.evaluate)} held out for testing"
+    )
+    # whole validation experiments, refit, no validation
+    _, (ex,) = plan_runs(
+        config(
+            tmp_path,
+            store,
+            folds=FoldSection(scheme="all"),
+            validation=ValidationSection(scheme="experiments", per_assay=1, min_train=1),
+        )
+    )
+    assert ex.validate and f"{len(ex.validate)} held out for validation" in ex.summary
+    assert "training on all" not in ex.summary
+    _, (rf,) = plan_runs(config(tmp_path, store, validation=ValidationSection(refit=True)))
+    assert rf.summary.endswith("then retrained on every bin for the epochs validation chose")
+    _, (nv,) = plan_runs(config(tmp_path, store, validation=ValidationSection(scheme="none")))
+    assert nv.summary.endswith("no validation: trains all 3 epochs")
+    # the store's manifest has no folds: the manifest scheme says to use `all`
+    with pytest.raises(InputDataError, match=r"fold.*empty.*folds\.scheme: all"):
+        plan_runs(config(tmp_path, store, folds=FoldSection(scheme="manifest")))
