@@ -1,4 +1,5 @@
-"""The ``epiray`` command. Errors become one clear message on stderr and exit status 2.
+"""The ``epiray`` command. Errors become one clear message on stderr and exit status 2, also
+when raised inside a Ray worker; the traceback goes to a log file (``--debug`` prints it).
 
 Each command is a pair of functions: ``_add_<name>(parser)`` declares its options and
 ``_run_<name>(args)`` calls one library function. The table :data:`COMMANDS` lists them.
@@ -8,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
+import time
+import traceback
 from pathlib import Path
 
-from epiray.errors import EpirayError
+from epiray.errors import EpirayError, unwrap
+from epiray.runtime import ray_initialised_here, shutdown_ray
 
 log = logging.getLogger("epiray")
 
@@ -348,6 +354,41 @@ def _run_individuals(args) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------ export
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run",
+        required=True,
+        help="trained run: a pattern with {chrom} (e.g. runs/avocado_mouse_only.{chrom}.fold0), "
+        "one run folder, or one checkpoint folder",
+    )
+    p.add_argument("--out", required=True, type=Path, help="destination folder")
+    p.add_argument("--chroms", nargs="+", help="chromosomes (default: every run found)")
+    p.add_argument(
+        "--formats",
+        help="comma-separated subset of parquet,bigwig,tsv,weights (default: all; the genome "
+        "formats only for models with genome factors)",
+    )
+    p.add_argument(
+        "--store", type=Path, help="store for chromosome lengths (default: the run's own)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+
+def _run_export(args) -> None:
+    from epiray.export import export
+
+    res = export(
+        args.run,
+        args.out,
+        chroms=args.chroms,
+        formats=args.formats,
+        overwrite=args.overwrite,
+        store=args.store,
+    )
+    print(res.describe())
+
+
 # ------------------------------------------------------------------------------------ main
 COMMANDS = {
     "quickstart": (
@@ -387,6 +428,11 @@ COMMANDS = {
     ),
     "impute": ("impute tracks genome-wide into bigWigs and a track hub", _add_impute, _run_impute),
     "info": ("summarise a store or an imputation output folder", _add_info, _run_info),
+    "export": (
+        "export a trained run's factors, embeddings and weights (Parquet, bigWig, TSV, .npz)",
+        _add_export,
+        _run_export,
+    ),
     "train": ("train a model per chromosome and fold with Ray Train", _add_train, _run_train),
     "individuals": (
         "the eDICE personalised protocol: leave one track of a donor out, impute it",
@@ -396,15 +442,77 @@ COMMANDS = {
 }
 
 
+#: Turns on ``--debug`` without the flag (any value but empty or 0).
+DEBUG_ENV = "EPIRAY_DEBUG"
+
+
+def error_log_path() -> Path:
+    """Where the traceback of the last error goes: ``last-error.log`` in epiray's cache folder
+    (``~/.cache/epiray``; ``EPIRAY_CACHE_DIR`` overrides it)."""
+    base = os.environ.get("EPIRAY_CACHE_DIR") or Path.home() / ".cache" / "epiray"
+    return Path(base) / "last-error.log"
+
+
+def _write_error_log(text: str) -> Path | None:
+    path = error_log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError:
+        return None
+    return path
+
+
+def report_error(
+    exc: BaseException, command: str, *, debug: bool = False, argv: list[str] | None = None
+) -> int:
+    """Tell the user about ``exc`` on stderr; returns the exit status.
+
+    The error is first unwrapped from Ray's wrappers (:func:`epiray.errors.unwrap`): an
+    :class:`EpirayError`, wherever it was raised, is printed as its one message (status 2);
+    anything else as its type and first line (status 1). The full traceback is written to
+    :func:`error_log_path`, whose path follows on one line, and printed before the message
+    with ``debug``.
+    """
+    err = unwrap(exc)
+    user = isinstance(err, EpirayError)
+    if user:
+        msg = f"epiray {command}: error: {err}"
+    else:
+        first = next((ln for ln in str(err).strip().splitlines() if ln.strip()), "")
+        msg = f"epiray {command}: unexpected error: {type(err).__name__}" + (
+            f": {first}" if first else ""
+        )
+    tb = "".join(traceback.format_exception(exc))
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    text = f"{when}  epiray {args}\ncwd {os.getcwd()}\n\n{tb}\n{msg}\n"
+    path = _write_error_log(re.sub(r"\x1b\[[0-9;]*m", "", text))  # no colours of Ray's
+    if debug:
+        print(tb, file=sys.stderr, end="")
+    print(msg, file=sys.stderr)
+    if not debug and path is not None:
+        print(f"epiray {command}: traceback in {path} (or run with --debug)", file=sys.stderr)
+    return 2 if user else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     p = argparse.ArgumentParser(
         prog="epiray", description="Genome-scale imputation of epigenomic compendia on Ray."
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    debug_help = (
+        f"on an error, print the full traceback too (or set {DEBUG_ENV}=1); without it, "
+        f"it goes to {error_log_path()}"
+    )
+    p.add_argument("--debug", action="store_true", help=debug_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add, _) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_, description=help_))
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add(sp)
+        # also after the command; SUPPRESS keeps a --debug given before it
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return p
 
 
@@ -416,11 +524,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("epiray").setLevel(logging.INFO)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    had_ray = ray_initialised_here()
     try:
         COMMANDS[args.command][2](args)
-    except EpirayError as e:
-        print(f"epiray {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # errors of Ray workers arrive wrapped: report_error unwraps them
+        if not had_ray:  # the Ray this command started; what its workers still print comes
+            try:  # before the message, not after it
+                shutdown_ray()
+            except Exception:  # noqa: BLE001 - the error being reported matters more
+                pass
+        return report_error(e, args.command, debug=debug, argv=argv)
     return 0
 
 
