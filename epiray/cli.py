@@ -242,7 +242,7 @@ def _run_impute(args) -> None:
     cfg = load_config(ImputeConfig, args.config)
     upd = {k: True for k in ("overwrite", "resume") if getattr(args, k)}
     cfg = cfg.model_copy(update=upd)
-    res = impute(cfg, functools.partial(load_predictor, cfg.model))
+    res = impute(cfg, functools.partial(load_predictor, cfg.model, autocast=cfg.autocast))
     dump_config(cfg, Path(cfg.output_dir) / "impute.resolved.yaml")
     if not args.no_hub:
         hub = write_trackhub(cfg.output_dir, overwrite=True)

@@ -269,7 +269,7 @@ def run(cfg: QuickstartConfig, say: Callable[[str], None] = log.info) -> dict:
         scale="arcsinh",
         resume=True,
     )
-    res = impute(icfg, functools.partial(load_predictor, model))
+    res = impute(icfg, functools.partial(load_predictor, model, autocast=icfg.autocast))
     hub = write_trackhub(out / "imputed", overwrite=True)
     say(f"  {len(res.written)} bigWigs written, {len(res.skipped)} kept from an earlier run")
     say("")

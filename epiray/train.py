@@ -1450,7 +1450,7 @@ def load_shards(
     return shards
 
 
-def load_predictor(model: str, chrom: str):
+def load_predictor(model: str, chrom: str, autocast: str = "off"):
     """The imputation predictor of one chromosome.
 
     Parameters
@@ -1461,6 +1461,8 @@ def load_predictor(model: str, chrom: str):
         ``{model label}.{chrom}.{fold}`` under its ``out``).
     chrom
         Chromosome.
+    autocast
+        The predictions' arithmetic (``ImputeConfig.autocast``; :class:`ModelPredictor`).
 
     Raises
     ------
@@ -1474,4 +1476,5 @@ def load_predictor(model: str, chrom: str):
             f"impute model {model!r}: expected a run directory pattern with a {{chrom}} "
             "placeholder, e.g. runs/avocado_mouse_only.{chrom}.fold0."
         )
-    return ModelPredictor(load_shards(final_checkpoint(model.format(chrom=chrom))))
+    shards = load_shards(final_checkpoint(model.format(chrom=chrom)))
+    return ModelPredictor(shards, autocast=autocast)

@@ -613,6 +613,13 @@ def test_model_predictor_over_shards(store, tmp_path):
         pred.predict_chrom("chr1", [("mm.B1", "H3K9me3")], 0, 10)
     with pytest.raises(EpirayError, match="tiled from 0 to n_bins = 301"):
         ModelPredictor(shards[:1])
+    # bf16 predictions: bf16 rounding of the float32 ones, no more
+    bf = ModelPredictor(shards, autocast="bf16")
+    lo_prec = bf.predict_chrom("chr1", pairs, 0, 301)
+    assert bf.precision.bf16 and not pred.precision.bf16
+    full = pred.predict_chrom("chr1", pairs, 0, 301)
+    assert not np.array_equal(lo_prec, full)
+    np.testing.assert_allclose(lo_prec, full, rtol=0.02, atol=0.02 * np.abs(full).max())
 
 
 def test_trained_avocado_checkpoints_to_bigwigs(store, tmp_path):
