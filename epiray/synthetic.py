@@ -11,6 +11,7 @@ OUT/
   chains/hsSyn1ToMmSyn1.over.chain.gz                         human (target) -> mouse (query)
   truth/truth.json, truth/<assembly>/<chrom>.npy              every (biosample, assay) pair
   truth/<assembly>/<chrom>.clean.npy                          its noiseless signal (the floor)
+  truth/<assembly>/<chrom>.states.npy                         chromatin state of every bin
   truth_alignment.npz                                         bin alignment implied by the chain
   synth.json                                                  params, seed, assemblies, counts
 ```
@@ -1154,6 +1155,26 @@ def _clean_curve(noise: float, bg: float) -> tuple[np.ndarray, np.ndarray]:
     return u, f
 
 
+def _bin_segments(
+    layout: SynthLayout, bio: _Biology, species: str, chrom: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merged coordinate of every bin's midpoint and the state segment holding it (int64
+    [n_bins] each): the position whose latent structure drives the bin's signal."""
+    size = layout.chrom_sizes[species][chrom]
+    bs = layout.bin_size
+    lo = np.arange(-(-size // bs), dtype=np.int64) * bs
+    centre = (lo + np.minimum(lo + bs, size)) // 2
+    m = layout.to_merged(species, chrom, centre)
+    return m, np.searchsorted(bio.seg_start, m, side="right") - 1
+
+
+def _chrom_states(layout: SynthLayout, bio: _Biology, species: str, chrom: str) -> np.ndarray:
+    """int8 [n_bins]: the chromatin state (index into :data:`STATES`) of every bin of one
+    chromosome, after that species' turnover: the state at the bin's midpoint, the one its
+    signal was generated from."""
+    return bio.state[species][_bin_segments(layout, bio, species, chrom)[1]].astype(np.int8)
+
+
 def _chrom_truth(
     seed: int,
     p: SynthParams,
@@ -1179,10 +1200,7 @@ def _chrom_truth(
     size = layout.chrom_sizes[species][chrom]
     bs = p.bin_size
     n = -(-size // bs)
-    lo = np.arange(n, dtype=np.int64) * bs
-    centre = (lo + np.minimum(lo + bs, size)) // 2
-    m = layout.to_merged(species, chrom, centre)
-    seg = np.searchsorted(bio.seg_start, m, side="right") - 1
+    m, seg = _bin_segments(layout, bio, species, chrom)
     st = bio.state[species][seg]
     strength = bio.strength[seg]
     half = bio.seg_len[seg] / 2.0
@@ -1618,6 +1636,10 @@ def generate(
             t, clean = _chrom_truth(seed, params, layout, bio, design, sp, chrom)
             _write_npy(out / "truth" / asm / f"{chrom}.npy", t)
             _write_npy(out / "truth" / asm / f"{chrom}.clean.npy", clean)
+            _write_npy(
+                out / "truth" / asm / f"{chrom}.states.npy",
+                _chrom_states(layout, bio, sp, chrom),
+            )
             diff = t.astype(np.float32) - clean.astype(np.float32)
             chroms[chrom] = {
                 "path": f"{asm}/{chrom}.npy",
@@ -1836,6 +1858,52 @@ def noise_floor(
             "written by this epiray version. Regenerate it with `epiray synth --overwrite`."
         )
     return float(floor[entry["biosamples"].index(biosample)][entry["assays"].index(assay)])
+
+
+def read_states(
+    out: str | Path,
+    species: str,
+    chrom: str,
+    *,
+    truth_index: dict | None = None,
+) -> np.ndarray:
+    """The hidden chromatin state of every bin of one chromosome of one species.
+
+    A bin's state is the state of the latent segment holding its midpoint in that species
+    (after turnover), the one its tracks were generated from; it does not depend on the
+    biosample (activity does). Names: ``synth.json`` ``states`` (:data:`STATES`).
+
+    Returns
+    -------
+    numpy.ndarray
+        int8 [n_bins], indices into :data:`STATES`; bins of ``bin_size`` bases as in
+        :func:`read_truth`.
+
+    Raises
+    ------
+    InputDataError
+        Unknown species or chromosome, or a compendium written before the states were.
+    """
+    index = truth_index or read_truth_index(out)
+    where = f"synthetic truth {out}"
+    if species not in index["species"]:
+        raise InputDataError(
+            f"{where}: unknown species; expected one of {list(index['species'])}, got {species!r}."
+        )
+    entry = index["species"][species]
+    if chrom not in entry["chroms"]:
+        raise InputDataError(
+            f"{where}: chromosome {chrom!r} not in {entry['assembly']}; expected one of "
+            f"{list(entry['chroms'])}."
+        )
+    path = Path(out) / "truth" / entry["assembly"] / f"{chrom}.states.npy"
+    if not path.is_file():
+        raise InputDataError(
+            f"{where}: no chromatin states for {chrom!r} ({path} not found); expected a "
+            "compendium written by this epiray version. Regenerate it with "
+            "`epiray synth --overwrite`."
+        )
+    return np.load(path)
 
 
 def read_truth_alignment(out: str | Path, chrom: str) -> dict[str, np.ndarray]:
