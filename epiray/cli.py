@@ -222,6 +222,31 @@ def _run_train(args) -> None:
         print(format_table(comparison_table(pd.concat(scores, ignore_index=True)), "text"))
 
 
+# ------------------------------------------------------------------------------------ extend
+def _add_extend(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", type=Path, required=True, help="extend YAML (see configs/extend_avocado.yaml)"
+    )
+    p.add_argument("--chroms", nargs="+", help="override chroms")
+    p.add_argument(
+        "--plan", action="store_true", help="check everything, print the runs, train nothing"
+    )
+
+
+def _run_extend(args) -> None:
+    from epiray.extend import extend, load_extend_config, plan_extension
+
+    cfg = load_extend_config(args.config)
+    if args.chroms:
+        cfg = cfg.model_copy(update={"chroms": args.chroms})
+    plan = plan_extension(cfg)
+    print(plan.describe())
+    if args.plan:
+        return
+    for r in extend(cfg, plan):
+        print(f"{r.spec.label} {r.spec.chrom} {r.spec.fold}: checkpoint {r.checkpoint}")
+
+
 # ------------------------------------------------------------------------------------ impute
 def _add_impute(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -434,6 +459,11 @@ COMMANDS = {
         _run_export,
     ),
     "train": ("train a model per chromosome and fold with Ray Train", _add_train, _run_train),
+    "extend": (
+        "fit new biosamples, assays or chromosomes onto trained runs, the rest frozen",
+        _add_extend,
+        _run_extend,
+    ),
     "individuals": (
         "the eDICE personalised protocol: leave one track of a donor out, impute it",
         _add_individuals,

@@ -776,11 +776,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             100 * hold.get("fraction", 0.0),
         )
 
+    # `epiray extend` (epiray.extend): the model starts from a trained run, only what is new
+    # trains; what it records beside the usual meta (trainable parameters, parent) is kept here
+    extension = spec.extra.get("extend")
+    extension_meta: dict[str, Any] = {}
+
     def fresh_model():
         # seeded initialisation: the same config trains the same model (dense parameters are
         # then broadcast from rank 0; each rank's own rows get their own stream)
         seed_everything(loop_params.seed + 7919 * rank)
-        return klass.build(klass.Params.model_validate(spec.params), vocab, data)
+        if extension:
+            from epiray.extend import start_extension
+
+            model, start, extra_meta = start_extension(spec, data, rank)
+            extension_meta.update(extra_meta)
+            return model, start
+        return klass.build(klass.Params.model_validate(spec.params), vocab, data), None
 
     ckpt = ray.train.get_checkpoint()
     state = None
@@ -789,9 +800,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             model, state = load_checkpoint(
                 Path(d) / f"rank{rank}.pt", data, store_summary=store.summary
             )
+            if extension:
+                from epiray.extend import resume_extension
+
+                extension_meta.update(resume_extension(spec, model, Path(d) / META))
         log.info("rank %d resumes %s after epoch %d", rank, spec.label, state.epoch)
     else:
-        model = fresh_model()
+        model, state = fresh_model()
 
     run = None
     if rank == 0 and spec.mlflow_run_id:
@@ -845,6 +860,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     {k: v for k, v in h.items() if not isinstance(v, list)} for h in state.history
                 ],
                 **selection,
+                # the MLflow run, so a run extended later (`epiray extend`) links to it
+                "mlflow_run_id": spec.mlflow_run_id,
+                **extension_meta,
             }
             (d / META).write_text(json.dumps(meta, indent=1))
 
@@ -930,7 +948,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         selection.setdefault("selected_epochs", state.selected_epochs)
         data.heldout = None
         if state.epoch == 0:
-            model = fresh_model()
+            model, _ = fresh_model()
         if not done(state, refit_params(state)):
             state = fit(model, data, refit_params(state), callback=report, start_state=state)
     final_params = loop_params if state.phase == "fit" else refit_params(state)
@@ -998,6 +1016,8 @@ def run_one(
     *,
     trial: str | None = None,
     callbacks: Sequence[Any] = (),
+    tags: dict[str, str] | None = None,
+    config: Any = None,
 ) -> RunResult:
     """Train one (chromosome, fold) with a ``TorchTrainer``, then score the held-out tracks.
 
@@ -1009,7 +1029,8 @@ def run_one(
     ``trial`` (a Ray Tune trial id) is appended to the MLflow run name and tagged;
     ``callbacks`` are Ray Train ``UserCallback`` objects for the run's ``RunConfig`` (a sweep
     passes ``ray.tune.integration.ray_train.TuneReportCallback`` so per-epoch metrics reach
-    Tune).
+    Tune). ``tags`` are added to the MLflow run; ``config`` is the config recorded as the
+    run's resolved config and params instead of ``cfg`` (``epiray extend`` records its own).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -1018,8 +1039,9 @@ def run_one(
 
     name = Path(spec.out_dir).name
     log.info("%s", spec.summary or f"training {name}")
+    config = cfg if config is None else config
     # the config of this run, beside its run directory (one file per run: never another's)
-    dump_config(cfg, Path(cfg.out) / f"{name}.resolved.yaml")
+    dump_config(config, Path(cfg.out) / f"{name}.resolved.yaml")
     store = Store.open(spec.store)
     tracked = start_run(
         cfg.tracking,
@@ -1027,15 +1049,15 @@ def run_one(
         chrom=spec.chrom,
         fold=spec.fold.removeprefix("fold"),
         trial=trial,
-        params=cfg,
+        params=config,
         parent=parent,
         base_dir=cfg.out,
         resume=True,
-        tags={"epiray.store_hash": spec.store_hash},
+        tags={"epiray.store_hash": spec.store_hash, **(tags or {})},
     )
     with tracked:
         spec.mlflow_run_id, spec.tracking_uri = tracked.run_id, tracked.tracking_uri
-        tracked.log_config(cfg)
+        tracked.log_config(config)
         if spec.summary:
             tracked.set_tags({"epiray.summary": spec.summary})
         log_store_input(tracked, store)

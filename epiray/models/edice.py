@@ -1072,6 +1072,22 @@ class EDice(ImputationModel):
             for p in parts[name]:
                 p.requires_grad_(False)
 
+    def unfreeze(self, what: set[str]) -> None:
+        """Train the named parts again (any of ``freezable``): fine-tuning after
+        :meth:`extend`, e.g. ``{"signal_embedders", "mlp"}`` beside the new embedding rows
+        (``epiray extend``'s ``finetune``). Empty parameters stay frozen.
+
+        Raises
+        ------
+        ConfigError
+            When ``what`` names an unknown part.
+        """
+        self.check_freeze(what)
+        parts = self._parts()
+        for name in what:
+            for p in parts[name]:
+                p.requires_grad_(p.numel() > 0)
+
     def extend(self, vocab: Vocabulary) -> None:
         """Grow for biosamples/assays appended to the vocabulary; fit only their embeddings.
 
