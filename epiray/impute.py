@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from epiray import __version__
 from epiray.config import Section
@@ -200,6 +200,13 @@ class ImputeConfig(Section):
     resume: bool = False
     keep_parts: bool = False
     autocast: Literal["auto", "bf16", "off"] = "auto"
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        from epiray.precision import yaml_off
+
+        return yaml_off(v)
 
 
 # --------------------------------------------------------------------------------------- pairs

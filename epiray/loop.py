@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from epiray.config import Section
 from epiray.errors import ConfigError, EpirayError
 from epiray.models import ChromData, ImputationModel, Vocabulary, get_model
-from epiray.precision import Precision, resolve_autocast, step_probe
+from epiray.precision import Precision, resolve_autocast, step_probe, yaml_off
 from epiray.store import atomic_open
 
 __all__ = [
@@ -166,6 +166,11 @@ class LoopParams(Section):
     min_steps: int = Field(2000, ge=1)
     progress_seconds: float = Field(30.0, ge=0)
     report_seconds: float = Field(5.0, ge=0)
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return yaml_off(v)
 
     @field_validator("batch_size", "checkpoint_every")
     @classmethod

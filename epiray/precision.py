@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -67,6 +67,12 @@ class Precision:
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device, dtype=torch.bfloat16)
+
+
+def yaml_off(v: Any) -> Any:
+    """An ``autocast`` setting as YAML wrote it: ``autocast: off`` is the boolean False in
+    YAML 1.1 (PyYAML), and means ``"off"``; True is refused like any other non-mode."""
+    return "off" if v is False else v
 
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:

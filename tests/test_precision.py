@@ -97,3 +97,16 @@ def test_step_probe_times_both_modes_and_restores_the_rng():
     speedup = step_probe(step, seconds=0.01)()
     assert speedup > 0 and True in modes and False in modes
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_yaml_off_means_float32():
+    """``autocast: off`` in a YAML file is the boolean False to PyYAML; it means "off"."""
+    import yaml
+
+    from epiray.loop import LoopParams
+
+    raw = yaml.safe_load("autocast: off")
+    assert raw == {"autocast": False}
+    assert LoopParams.model_validate(raw).autocast == "off"
+    with pytest.raises(ValueError):
+        LoopParams.model_validate({"autocast": True})
