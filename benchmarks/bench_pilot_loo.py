@@ -47,7 +47,11 @@ import bench_edice as be  # noqa: E402
 from epiray.metrics import METRIC_NAMES, assay_variance, score_track  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work" / "pilot_loo"
-MODELS = ("average_activity", "avocado", "edice")
+MODELS = ("average_activity", "avocado", "edice", "avocado_shipped_fp32", "avocado_shipped_bf16")
+#: ``avocado_shipped_*``: ``configs/train_avocado.yaml`` as shipped (its model and its train and
+#: validation sections: 5 % of every training track's bins as validation cells), trained in
+#: float32 (``autocast: off``) or bf16 autocast, the same seeds (issues 17 and 20)
+SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "train_avocado.yaml"
 CELLS, ASSAYS = ba.CELLS, ba.ASSAYS
 
 
@@ -88,6 +92,45 @@ def impute_avocado(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
     return pred, info
 
 
+def impute_avocado_shipped(tracks, held, seed: int, autocast: str) -> tuple[np.ndarray, dict]:
+    """Train on the other 24 tracks at the shipped config and impute ``held``."""
+    from epiray.config import load_config
+    from epiray.folds import heldout_blocks, heldout_fraction
+    from epiray.loop import fit
+    from epiray.models.avocado import Avocado, AvocadoParams
+    from epiray.train import TrainConfig
+
+    cfg = load_config(TrainConfig, SHIPPED)
+    cell, assay = held
+    vocab = ba._vocab()
+    train = [k for k in tracks if k != held]
+    data = ba._data(tracks, vocab, train)
+    v = cfg.validation
+    n = data.n_bins
+    frac = heldout_fraction(len(train), n, v.fraction, v.max_cells)
+    ids = [f"{c}.{a}" for c, a in train]
+    data.heldout = torch.from_numpy(
+        heldout_blocks(ids, "pilot", n, 0, n, frac, v.block_bins, seed)
+    )
+    data.heldout_block = v.block_bins
+    torch.manual_seed(seed)
+    model = Avocado.build(AvocadoParams(**cfg.model.params), vocab, data)
+    params = cfg.train.model_copy(update={"seed": seed, "autocast": autocast})
+    st = fit(model, data, params)
+    data.heldout = None
+    pred = model.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy()
+    info = {
+        "config": str(SHIPPED.name),
+        "autocast": autocast,
+        "precision": st.regime.get("precision") if st.regime else None,
+        "batch_size": st.regime.get("batch_size") if st.regime else None,
+        "best_epoch": st.best_epoch,
+        "epochs": st.epoch,
+        "val_curve": [round(h["val_mse"], 4) for h in st.history],
+    }
+    return pred, info
+
+
 def impute_edice(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
     args = argparse.Namespace(
         dim=32, ffn_hidden=64, mlp_hidden=128, n_targets=0.2, lr=2e-3, steps=1000, batch_bins=256
@@ -108,6 +151,9 @@ def run_one(model: str, tracks, held, work: Path, seed: int) -> bool:
         pred, info = impute_average_activity(tracks, held)
     elif model == "avocado":
         pred, info = impute_avocado(tracks, held, seed)
+    elif model.startswith("avocado_shipped_"):
+        autocast = {"fp32": "off", "bf16": "bf16"}[model.rsplit("_", 1)[1]]
+        pred, info = impute_avocado_shipped(tracks, held, seed, autocast)
     else:
         pred, info = impute_edice(tracks, held, seed)
     info.update(
