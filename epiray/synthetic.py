@@ -1757,6 +1757,21 @@ def read_truth_index(out: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _truth_entry(index: dict, where: str, species: str, chrom: str) -> dict:
+    """``truth.json``'s entry of ``species``, checked to hold ``chrom``."""
+    if species not in index["species"]:
+        raise InputDataError(
+            f"{where}: unknown species; expected one of {list(index['species'])}, got {species!r}."
+        )
+    entry = index["species"][species]
+    if chrom not in entry["chroms"]:
+        raise InputDataError(
+            f"{where}: chromosome {chrom!r} not in {entry['assembly']}; expected one of "
+            f"{list(entry['chroms'])}."
+        )
+    return entry
+
+
 def read_truth(
     out: str | Path,
     species: str,
@@ -1801,16 +1816,7 @@ def read_truth(
     """
     index = truth_index or read_truth_index(out)
     where = f"synthetic truth {out}"
-    if species not in index["species"]:
-        raise InputDataError(
-            f"{where}: unknown species; expected one of {list(index['species'])}, got {species!r}."
-        )
-    entry = index["species"][species]
-    if chrom not in entry["chroms"]:
-        raise InputDataError(
-            f"{where}: chromosome {chrom!r} not in {entry['assembly']}; expected one of "
-            f"{list(entry['chroms'])}."
-        )
+    entry = _truth_entry(index, where, species, chrom)
     rel = entry["chroms"][chrom].get("clean_path" if clean else "path")
     if rel is None:
         raise InputDataError(
@@ -1886,16 +1892,7 @@ def read_states(
     """
     index = truth_index or read_truth_index(out)
     where = f"synthetic truth {out}"
-    if species not in index["species"]:
-        raise InputDataError(
-            f"{where}: unknown species; expected one of {list(index['species'])}, got {species!r}."
-        )
-    entry = index["species"][species]
-    if chrom not in entry["chroms"]:
-        raise InputDataError(
-            f"{where}: chromosome {chrom!r} not in {entry['assembly']}; expected one of "
-            f"{list(entry['chroms'])}."
-        )
+    entry = _truth_entry(index, where, species, chrom)
     path = Path(out) / "truth" / entry["assembly"] / f"{chrom}.states.npy"
     if not path.is_file():
         raise InputDataError(
