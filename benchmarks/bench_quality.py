@@ -317,17 +317,39 @@ def _truth(comp: dict, chrom: str, clean: bool = False) -> tuple[np.ndarray, dic
     return synthetic.read_truth(data, "mouse", chrom, truth_index=index, clean=clean), index
 
 
-def score_unseen(comp: dict, label: str, out: Path) -> list[dict]:
-    """Score the imputations of the assays never run in mouse against the generator's truth."""
-    from epiray.metrics import pearson
-    from epiray.train import load_predictor
+class MeanPredictor:
+    """The mean of the predictions of several trained models of one chromosome (a seed
+    ensemble): ``predict_chrom`` as :class:`epiray.impute.ModelPredictor`'s."""
 
+    def __init__(self, outs: list[Path], label: str, chrom: str):
+        from epiray.train import load_predictor
+
+        self.members = [
+            load_predictor(str(o / "runs" / f"{label}.{{chrom}}.fold0"), chrom) for o in outs
+        ]
+
+    def predict_chrom(self, chrom: str, pairs, start: int, end: int) -> list[np.ndarray]:
+        total = None
+        for m in self.members:
+            got = [
+                np.asarray(v, dtype=np.float64) for v in m.predict_chrom(chrom, pairs, start, end)
+            ]
+            total = got if total is None else [t + g for t, g in zip(total, got)]
+        return [(t / len(self.members)).astype(np.float32) for t in total]
+
+
+def score_unseen(comp: dict, label: str, out: Path | list[Path]) -> list[dict]:
+    """Score the imputations of the assays never run in mouse against the generator's truth
+    (``out`` a list: the mean of those runs' imputations)."""
+    from epiray.metrics import pearson
+
+    outs = out if isinstance(out, list) else [out]
     rows = []
     for chrom in comp["chroms"]:
         truth, index = _truth(comp, chrom)
         clean, _ = _truth(comp, chrom, clean=True)
         bios, assays = index["species"]["mouse"]["biosamples"], index["species"]["mouse"]["assays"]
-        pred = load_predictor(str(out / "runs" / f"{label}.{{chrom}}.fold0"), chrom)
+        pred = MeanPredictor(outs, label, chrom)
         pairs = [(b, a) for a in comp["human_only"] for b in bios]
         values = pred.predict_chrom(chrom, pairs, 0, truth.shape[2])
         for (b, a), yhat in zip(pairs, values):
@@ -439,6 +461,48 @@ def run_model(comp: dict, label: str, configs: Path, out: Path, say) -> dict:
     return res
 
 
+def score_ensemble(comp: dict, label: str, outs: list[Path], say) -> dict:
+    """The seed ensemble of ``outs`` (runs of ``label`` on ``comp`` differing in seed only):
+    every row of the first member's result, rescored with the mean of the members'
+    imputations (held-out and zero-shot against the observed track, as the train runs score;
+    unseen against the truth). The first member's own rows are rescored the same way first,
+    as a check that this scoring is the train runs'."""
+    from epiray.metrics import pearson
+    from epiray.store import Store
+
+    members = [json.loads((o / "result.json").read_text()) for o in outs]
+    store = Store.open(comp["store"])
+    exps = store.experiments(MOUSE).set_index("experiment")
+    base = [r for r in members[0]["rows"] if r["kind"] != "unseen"]
+    rows = []
+    for chrom in comp["chroms"]:
+        mine = [r for r in base if r["chrom"] == chrom]
+        if not mine:
+            continue
+        pairs = [(exps.loc[r["experiment"], "biosample"], r["assay"]) for r in mine]
+        y = store.read(MOUSE, chrom, [r["experiment"] for r in mine]).astype(np.float32)
+        single = MeanPredictor(outs[:1], label, chrom).predict_chrom(chrom, pairs, 0, y.shape[1])
+        mean = MeanPredictor(outs, label, chrom).predict_chrom(chrom, pairs, 0, y.shape[1])
+        for r, yi, p1, pm in zip(mine, y, single, mean):
+            check = float(np.mean((p1 - yi) ** 2))
+            if abs(check - r["mse"]) > 1e-3 * max(r["mse"], 1e-6):
+                say(f"  note: {r['experiment']} {chrom}: rescored {check:.5f}, run {r['mse']:.5f}")
+            rows.append(
+                {**r, "mse": float(np.mean((pm - yi) ** 2)), "pearson": float(pearson(yi, pm))}
+            )
+    if MODELS[label][1]:
+        rows += score_unseen(comp, label, outs)
+    return {
+        "compendium": comp["name"],
+        "seed": comp["seed"],
+        "model": label,
+        "members": [str(o) for o in outs],
+        "seconds": sum(m["seconds"] for m in members),
+        "epochs": [m["epochs"] for m in members],
+        "rows": rows,
+    }
+
+
 # ----------------------------------------------------------------------------- summary
 def summarise(results: list[dict]) -> pd.DataFrame:
     """One row per (compendium, model, kind): MSE, Pearson, wins and the floor share."""
@@ -529,6 +593,13 @@ def main() -> None:
     ap.add_argument("--tag", default=None, help="results subfolder (default: the configs dir)")
     ap.add_argument("--out", type=Path, default=WORK)
     ap.add_argument("--report", action="store_true", help="summarise what is there, train none")
+    ap.add_argument(
+        "--ensemble",
+        nargs="+",
+        metavar="TAG",
+        help="score the mean imputation of these result tags' runs (trained already, e.g. the "
+        "same configs at several seeds) as tag ensemble-TAG1-TAG2..., train none",
+    )
     args = ap.parse_args()
 
     import logging
@@ -540,6 +611,8 @@ def main() -> None:
 
     names = args.compendia or (list(DEV_DEFAULT) if args.suite == "dev" else list(SHAPES))
     tag = args.tag or ("shipped" if args.configs == ROOT / "configs" else args.configs.name)
+    if args.ensemble:
+        tag = args.tag or "ensemble-" + "-".join(args.ensemble)
     suite_dir = args.out / args.suite
     results = []
     for name in names:
@@ -554,6 +627,16 @@ def main() -> None:
         comp = prepare(comp_dir, name, seed, say)
         for label in args.models:
             out = suite_dir / tag / name / label
+            if args.ensemble:
+                outs = [suite_dir / t / name / label for t in args.ensemble]
+                if not all((o / "result.json").is_file() for o in outs):
+                    say(f"{name} {label}: not every member trained ({', '.join(map(str, outs))})")
+                    continue
+                res = score_ensemble(comp, label, outs, say)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
+                results.append(res)
+                continue
             results.append(run_model(comp, label, args.configs, out, say))
     summary = summarise(results)
     if summary.empty:

@@ -354,22 +354,10 @@ def _parse_formats(formats: Iterable[str] | str | None) -> list[str]:
 
 def _load_shard(path: Path, model: str) -> dict[str, Any]:
     """The state dict of one rank file (memory-mapped: only the tensors read are loaded)."""
-    import torch
 
-    from epiray.loop import CHECKPOINT_FORMAT
+    from epiray.loop import read_checkpoint
 
-    try:
-        payload = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as exc:  # torch raises RuntimeError, pickle/zip errors, OSError
-        raise EpirayError(
-            f"checkpoint {path}: cannot read it ({exc}); expected a rank file written by "
-            "`epiray train`. Resume or retrain the run."
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise EpirayError(
-            f"checkpoint {path}: unknown format; expected epiray checkpoint format "
-            f"{CHECKPOINT_FORMAT}. Use a checkpoint of this epiray version."
-        )
+    payload = read_checkpoint(path, fix="Resume or retrain the run.", mmap=True)
     if payload.get("model") != model:
         raise EpirayError(
             f"checkpoint {path}: model {payload.get('model')!r}; expected {model!r} as its "

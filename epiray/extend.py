@@ -58,7 +58,7 @@ from pydantic import field_validator, model_validator
 from epiray.config import Section, _resolve_one, load_yaml, parse_config
 from epiray.errors import ConfigError, EpirayError
 from epiray.folds import heldout_fraction
-from epiray.loop import CHECKPOINT_FORMAT, LoopParams, TrainState
+from epiray.loop import LoopParams, TrainState, read_checkpoint
 from epiray.models import ChromData, Vocabulary, get_model
 from epiray.store import Store
 from epiray.tracking import TrackingConfig
@@ -433,37 +433,34 @@ def _new_experiments(
     problems: list[str] = []
     known_b, known_a = set(vocab.biosamples), set(vocab.assays)
     chosen: list[str] = []
-    for b in cfg.biosamples:
-        if b in known_b:
-            n = sum(1 for k in vocab.experiments.values() if vocab.biosamples[k.biosample] == b)
-            problems.append(
-                f"biosample {b!r} is already in the model ({n} experiment(s) of it in its "
-                "vocabulary); expected a biosample it does not know. New tracks of a known "
-                "biosample need `epiray train` (retrain with them)"
-            )
-            continue
-        mine = target[target["biosample"] == b].index.tolist()
-        if not mine:
-            other = sorted(set(exps.loc[exps["biosample"] == b, "assembly"]))
-            problems.append(
-                f"biosample {b!r} has no experiment of {assembly} in store {store.root}"
-                + (f" (only of {other})" if other else "")
-            )
-        chosen += mine
-    for a in cfg.assays:
-        if a in known_a:
-            problems.append(
-                f"assay {a!r} is already in the model; expected an assay it does not know"
-            )
-            continue
-        mine = target[target["assay"] == a].index.tolist()
-        if not mine:
-            other = sorted(set(exps.loc[exps["assay"] == a, "assembly"]))
-            problems.append(
-                f"assay {a!r} has no experiment of {assembly} in store {store.root}"
-                + (f" (only of {other})" if other else "")
-            )
-        chosen += mine
+    for kind, names, known in (
+        ("biosample", cfg.biosamples, known_b),
+        ("assay", cfg.assays, known_a),
+    ):
+        for x in names:
+            if x in known and kind == "biosample":
+                n = sum(
+                    1 for k in vocab.experiments.values() if vocab.biosamples[k.biosample] == x
+                )
+                problems.append(
+                    f"biosample {x!r} is already in the model ({n} experiment(s) of it in its "
+                    "vocabulary); expected a biosample it does not know. New tracks of a known "
+                    "biosample need `epiray train` (retrain with them)"
+                )
+                continue
+            if x in known:
+                problems.append(
+                    f"assay {x!r} is already in the model; expected an assay it does not know"
+                )
+                continue
+            mine = target[target[kind] == x].index.tolist()
+            if not mine:
+                other = sorted(set(exps.loc[exps[kind] == x, "assembly"]))
+                problems.append(
+                    f"{kind} {x!r} has no experiment of {assembly} in store {store.root}"
+                    + (f" (only of {other})" if other else "")
+                )
+            chosen += mine
     if cfg.experiments != "auto":
         chosen += list(cfg.experiments)
     elif not cfg.biosamples and not cfg.assays:
@@ -867,18 +864,9 @@ def _in_tracking_store(run_id: str, tcfg: TrainConfig) -> bool:
 def _load_source(path: Path, device: torch.device) -> tuple[Any, TrainState]:
     """A trained model and its loop state from a rank file, rebuilt on its own slab (its
     vocabulary and bins), whatever the data of the run that extends it."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise EpirayError(
-            f"extend: cannot read the parent checkpoint {path} ({exc}); expected a file "
-            "written by `epiray train`. Retrain or restore the parent run."
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise EpirayError(
-            f"extend: {path} is not an epiray checkpoint of format {CHECKPOINT_FORMAT}; "
-            "expected the parent's rank file. Retrain the parent with this epiray version."
-        )
+    payload = read_checkpoint(
+        path, fix="Extend a parent trained by `epiray train` of this version (retrain it)."
+    )
     cls = get_model(payload["model"])
     prm = cls.Params.model_validate(payload["params"])
     vocab = Vocabulary.from_dict(payload["vocab"])

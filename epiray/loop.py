@@ -1000,6 +1000,32 @@ def _to_cpu(x: Any) -> Any:
     return x
 
 
+def read_checkpoint(path: Path, *, fix: str, mmap: bool = False) -> dict[str, Any]:
+    """The payload of a checkpoint file written by :func:`save_checkpoint`, checked for its
+    format; tensors stay on the CPU (``mmap``: read lazily from the file).
+
+    Raises
+    ------
+    EpirayError
+        Naming the file when it cannot be read or is not an epiray checkpoint of this
+        format; ``fix`` says what to do instead.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise EpirayError(
+            f"checkpoint {path}: cannot read it ({exc}); expected a file written by "
+            f"`epiray train` (epiray.loop.save_checkpoint). {fix}"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise EpirayError(
+            f"checkpoint {path}: unknown format; expected epiray checkpoint format "
+            f"{CHECKPOINT_FORMAT}, got {got}. {fix}"
+        )
+    return payload
+
+
 def load_checkpoint(
     path: str | Path,
     data: ChromData,
@@ -1030,20 +1056,7 @@ def load_checkpoint(
         If ``store_summary`` does not hold the experiments the model was trained on.
     """
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise EpirayError(
-            f"checkpoint {path}: cannot read it ({exc}); expected a file written by "
-            "epiray.loop.save_checkpoint. Point at a complete checkpoint."
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise EpirayError(
-            f"checkpoint {path}: unknown format; expected epiray checkpoint format "
-            f"{CHECKPOINT_FORMAT}, got {got}. "
-            "Use a checkpoint from this epiray version."
-        )
+    payload = read_checkpoint(path, fix="Point at a complete checkpoint.")
     vocab = Vocabulary.from_dict(payload["vocab"])
     if store_summary is not None:
         vocab.check_matches(store_summary)

@@ -651,6 +651,48 @@ class Store:
             paths, start, end, rows, dtype, out, threads, f"synteny {name} {chrom}"
         )
 
+    def copy(self, dest: str | Path, *, without: Sequence[str] = ()) -> Store:
+        """A copy of this store at ``dest`` without the experiments ``without`` (their parts,
+        synteny parts included, and their entries): e.g. the store a parent model is trained
+        on before ``epiray extend`` adds what was left out. Written beside ``dest`` and
+        renamed into place, so an interrupted copy leaves no store behind.
+
+        Raises
+        ------
+        StoreError
+            When ``dest`` exists or ``without`` names an experiment the store does not hold.
+        """
+        dest = Path(dest)
+        if dest.exists():
+            raise StoreError(
+                f"store {self.root}: cannot copy to {dest}, which exists; choose a new folder "
+                "or remove it first"
+            )
+        drop = set(without)
+        unknown = sorted(drop - set(self.summary["experiments"]))
+        if unknown:
+            raise StoreError(
+                f"store {self.root}: no experiment(s) {', '.join(unknown)} to leave out of the "
+                "copy; name experiments of `epiray info` (the store's experiment table)"
+            )
+        skip = {f"experiment={e}" for e in drop}
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copytree(
+                self.root, tmp, ignore=lambda _d, names: [n for n in names if n in skip]
+            )
+            summary = json.loads((tmp / SUMMARY).read_text())
+            for e in drop:
+                del summary["experiments"][e]
+                for syn in summary.get("synteny", {}).values():
+                    syn.get("experiments", {}).pop(e, None)
+            atomic_write_text(tmp / SUMMARY, json.dumps(summary, indent=1, sort_keys=True))
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return Store.open(dest)
+
     def describe(self, experiments: bool = False) -> str:
         """A readable summary of a store: assemblies, experiments per species/category, synteny."""
         import pandas as pd

@@ -104,8 +104,7 @@ def ray_local():
     if not ray.is_initialized():
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
         # as epiray's own local runtime (runtime.ensure_ray): no preemption watcher on one
-        # machine; with it, a Train run late in the suite was seen to wait forever in its
-        # controller (2026-12-07)
+        # machine (why the suite runs in two processes: scripts/test.sh)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # workers inherit the environment at ray.init; an earlier mlflow.set_tracking_uri in
         # this process must not become their MLFLOW_TRACKING_URI

@@ -20,7 +20,6 @@ from epiray.config import parse_config
 from epiray.errors import ConfigError
 from epiray.extend import ExtendConfig, extend, load_extend_config, plan_extension
 from epiray.loop import LoopParams
-from epiray.store import Store
 from epiray.tracking import TrackingConfig
 from epiray.train import (
     FoldSection,
@@ -36,18 +35,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"n_nodes": 32, "n_layers": 1, "n_assay_factors": 16, "n_biosample_factors": 8}
 LOOP = dict(epochs=3, batch_size=1024, patience=None, checkpoint_every=1, min_steps=1)
-
-
-def subset_store(full: Store, root: Path, drop: set[str]) -> Store:
-    """A copy of ``full`` without the experiments ``drop`` (their parts deleted too)."""
-    shutil.copytree(full.root, root)
-    summary = json.loads((root / "store.json").read_text())
-    for e in drop:
-        del summary["experiments"][e]
-        for part in root.glob(f"**/experiment={e}"):
-            shutil.rmtree(part)
-    (root / "store.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-    return Store.open(root)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +57,7 @@ def parent(tiny_store, tmp_path_factory):
     )
     drop = set(exps["experiment"]) - set(rest["experiment"]) | {known_pair}
     root = tmp_path_factory.mktemp("extend")
-    pstore = subset_store(full, root / "parent_store", drop)
+    pstore = full.copy(root / "parent_store", without=sorted(drop))
     cfg = TrainConfig(
         store=str(pstore.root),
         out=str(root / "runs"),
@@ -132,7 +119,7 @@ def test_bad_input_is_refused_before_anything_is_written(parent, tmp_path, small
     manifest, sizes, _ = small_bigwigs
     toy = ingest(IngestConfig(manifest=str(manifest), store=str(tmp_path / "toy"), chroms="all"))
     # a store of another compendium: the parent's experiments are not in it
-    foreign = subset_store(parent["full"], tmp_path / "foreign", {in_model})
+    foreign = parent["full"].copy(tmp_path / "foreign", without=[in_model])
 
     cases = [
         (dict(experiments=[human]), rf"{human}' is of assembly hsSyn1"),

@@ -140,3 +140,19 @@ def test_dataset_view(tmp_path, ray_local):
         blocks = sorted((r for r in rows if r["experiment"] == e), key=lambda r: r["start_bin"])
         vals = np.concatenate([decode_block(r["values"], "float16") for r in blocks])
         np.testing.assert_array_equal(vals, X[int(e[1])].astype(np.float16))
+
+
+def test_copy_without_leaves_out_parts_and_entries(tmp_path):
+    s, X = make_store(tmp_path, n_exp=3)
+    c = s.copy(tmp_path / "copy", without=["e1"])
+    assert sorted(c.summary["experiments"]) == ["e0", "e2"]
+    assert not c.part_path("asm", "chr1", "e1").exists()
+    np.testing.assert_array_equal(c.read("asm", "chr1", ["e0", "e2"]), X[[0, 2]])
+    # the source is untouched and no temporary folder is left beside the copy
+    assert sorted(Store.open(s.root).summary["experiments"]) == ["e0", "e1", "e2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "s"]
+    with pytest.raises(StoreError, match=r"copy.*exists"):
+        s.copy(tmp_path / "copy")
+    with pytest.raises(StoreError, match="no experiment.*nope"):
+        s.copy(tmp_path / "other", without=["nope"])
+    assert not (tmp_path / "other").exists()

@@ -1066,11 +1066,7 @@ class EDice(ImputationModel):
         ConfigError
             When ``what`` names an unknown part.
         """
-        self.check_freeze(what)
-        parts = self._parts()
-        for name in what:
-            for p in parts[name]:
-                p.requires_grad_(False)
+        self._set_trainable(what, False)
 
     def unfreeze(self, what: set[str]) -> None:
         """Train the named parts again (any of ``freezable``): fine-tuning after
@@ -1082,11 +1078,16 @@ class EDice(ImputationModel):
         ConfigError
             When ``what`` names an unknown part.
         """
+        self._set_trainable(what, True)
+
+    def _set_trainable(self, what: set[str], trainable: bool) -> None:
+        """``requires_grad`` of every parameter of the named parts (checked first); empty
+        parameters are never trainable."""
         self.check_freeze(what)
         parts = self._parts()
         for name in what:
             for p in parts[name]:
-                p.requires_grad_(p.numel() > 0)
+                p.requires_grad_(trainable and p.numel() > 0)
 
     def extend(self, vocab: Vocabulary) -> None:
         """Grow for biosamples/assays appended to the vocabulary; fit only their embeddings.
