@@ -227,7 +227,6 @@ def prepare(comp_dir: Path, name: str, seed: int, say) -> dict:
     from epiray import synthetic
     from epiray.ingest import IngestConfig, ingest
     from epiray.runtime import ensure_ray
-    from epiray.synteny import SyntenyConfig, build
 
     overrides, _ = SHAPES[name]
     params = synthetic.SynthParams(**overrides)
@@ -255,17 +254,7 @@ def prepare(comp_dir: Path, name: str, seed: int, say) -> dict:
         resume=not fresh,
         overwrite=fresh,
     )
-    chain = next((data / "chains").glob("*.chain.gz"))
-    build(
-        SyntenyConfig(
-            store=str(store.root),
-            chain=str(chain),
-            human_assembly=HUMAN,
-            mouse_assembly=MOUSE,
-            name=SYNTENY,
-        ),
-        resume=True,
-    )
+    synthetic.build_synteny(data, store.root, SYNTENY)
     synth = json.loads(info_path.read_text())
     return {
         "name": name,

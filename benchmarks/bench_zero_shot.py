@@ -41,7 +41,6 @@ def main() -> None:
     from epiray.evaluate import comparison_table, format_table, paired_tests
     from epiray.ingest import IngestConfig, ingest
     from epiray.runtime import ensure_ray
-    from epiray.synteny import SyntenyConfig, build
     from epiray.train import train
 
     out = args.out.resolve()
@@ -54,17 +53,7 @@ def main() -> None:
         IngestConfig(manifest=str(data / "manifest.tsv"), store=str(store_dir), chroms="all"),
         resume=True,
     )
-    chain = next((data / "chains").glob("*.chain.gz"))
-    build(
-        SyntenyConfig(
-            store=str(store.root),
-            chain=str(chain),
-            human_assembly="hsSyn1",
-            mouse_assembly="mmSyn1",
-            name="hs2mm",
-        ),
-        resume=True,
-    )
+    synthetic.build_synteny(data, store.root, "hs2mm")
     scores, seconds = [], {}
     for fold in args.folds:
         cfg = QuickstartConfig(out=str(out), seed=args.seed, fold=fold, models=args.models)

@@ -57,7 +57,6 @@ from pydantic import field_validator, model_validator
 
 from epiray.config import Section, _resolve_one, load_yaml, parse_config
 from epiray.errors import ConfigError, EpirayError
-from epiray.folds import heldout_fraction
 from epiray.loop import LoopParams, TrainState, read_checkpoint
 from epiray.models import ChromData, Vocabulary, get_model
 from epiray.store import Store
@@ -703,14 +702,7 @@ def plan_extension(cfg: ExtendConfig) -> ExtensionPlan:
                     cfg.scaling.num_workers,
                 )
             scaling = scaling.model_copy(update={"num_workers": workers})
-        holdout = None
-        if cfg.validation.scheme == "cells":
-            v = cfg.validation
-            holdout = {
-                "fraction": heldout_fraction(len(fit), nb, v.fraction, v.max_cells),
-                "block_bins": v.block_bins,
-                "seed": v.seed,
-            }
+        holdout = cfg.validation.cells_holdout(len(fit), nb)
         tcfg = train_cfg_base.model_copy(update={"chroms": [chrom], "scaling": scaling})
         name = f"{label}.{chrom}.{fold}"
         record = {

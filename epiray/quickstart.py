@@ -164,7 +164,6 @@ def run(cfg: QuickstartConfig, say: Callable[[str], None] = log.info) -> dict:
     from epiray.ingest import IngestConfig, ingest
     from epiray.runtime import ensure_ray
     from epiray.store import atomic_write_text
-    from epiray.synteny import SyntenyConfig, build
     from epiray.trackhub import write_trackhub
     from epiray.tracking import log_heldout_comparison, start_run
     from epiray.train import load_predictor, log_store_input, train
@@ -203,17 +202,7 @@ def run(cfg: QuickstartConfig, say: Callable[[str], None] = log.info) -> dict:
     store = ingest(icfg, resume=not fresh, overwrite=fresh)
 
     say("[3/6] mapping human tracks onto mouse bins through the chain file (synteny)")
-    chain = next((data / "chains").glob("*.chain.gz"))
-    store = build(
-        SyntenyConfig(
-            store=str(store.root),
-            chain=str(chain),
-            human_assembly=HUMAN,
-            mouse_assembly=MOUSE,
-            name=SYNTENY,
-        ),
-        resume=True,
-    )
+    store = synthetic.build_synteny(data, store.root, SYNTENY)
     say(store.describe())
 
     labels = list(dict.fromkeys(cfg.models + [cfg.impute_with]))

@@ -1536,6 +1536,24 @@ _OUTPUTS = (
 )
 
 
+def build_synteny(data_dir: str | Path, store_root: str | Path, name: str = "hs2mm"):
+    """Map the human tracks of the compendium generated in ``data_dir`` onto mouse bins of the
+    store at ``store_root`` through the compendium's chain file: synteny ``name``, resumable
+    (:func:`epiray.synteny.build`). Returns the store."""
+    from epiray.synteny import SyntenyConfig, build
+
+    return build(
+        SyntenyConfig(
+            store=str(store_root),
+            chain=str(Path(data_dir) / CHAIN_PATH),
+            human_assembly=ASSEMBLIES["human"],
+            mouse_assembly=ASSEMBLIES["mouse"],
+            name=name,
+        ),
+        resume=True,
+    )
+
+
 def generate(
     out: str | Path,
     seed: int = 0,

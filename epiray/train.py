@@ -132,6 +132,17 @@ class ValidationSection(Section):
             v = {**v, "scheme": "experiments" if v["per_assay"] else "none"}
         return v
 
+    def cells_holdout(self, n_tracks: int, n_bins: int) -> dict[str, Any] | None:
+        """The validation cells of a run on ``n_tracks`` training tracks of ``n_bins`` bins
+        (``scheme: cells``; the run spec's ``holdout``), None for the other schemes."""
+        if self.scheme != "cells":
+            return None
+        return {
+            "fraction": heldout_fraction(n_tracks, n_bins, self.fraction, self.max_cells),
+            "block_bins": self.block_bins,
+            "seed": self.seed,
+        }
+
 
 class ScalingSection(Section):
     """``scaling``: Ray Train workers."""
@@ -324,17 +335,10 @@ def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
             tgt = in_scope[in_scope["assembly"] == cfg.assembly]
             train = [e for e in tgt["experiment"] if role[e] == "train"]
             validate = [e for e in tgt["experiment"] if role[e] == "validate"]
-            holdout = None
             if cfg.validation.scheme == "experiments":
                 train, extra_val = _pick_validation(tgt, train, cfg.validation, rng_seed)
                 validate += extra_val
-            elif cfg.validation.scheme == "cells":
-                v = cfg.validation
-                holdout = {
-                    "fraction": heldout_fraction(len(train), nb, v.fraction, v.max_cells),
-                    "block_bins": v.block_bins,
-                    "seed": v.seed,
-                }
+            holdout = cfg.validation.cells_holdout(len(train), nb)
             aux = (
                 [
                     e
