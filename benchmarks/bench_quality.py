@@ -470,8 +470,9 @@ def score_ensemble(comp: dict, label: str, outs: list[Path], say) -> dict:
             continue
         pairs = [(exps.loc[r["experiment"], "biosample"], r["assay"]) for r in mine]
         y = store.read(MOUSE, chrom, [r["experiment"] for r in mine]).astype(np.float32)
-        single = MeanPredictor(outs[:1], label, chrom).predict_chrom(chrom, pairs, 0, y.shape[1])
-        mean = MeanPredictor(outs, label, chrom).predict_chrom(chrom, pairs, 0, y.shape[1])
+        ens = MeanPredictor(outs, label, chrom)  # each member loaded once
+        single = ens.members[0].predict_chrom(chrom, pairs, 0, y.shape[1])
+        mean = ens.predict_chrom(chrom, pairs, 0, y.shape[1])
         for r, yi, p1, pm in zip(mine, y, single, mean):
             check = float(np.mean((p1 - yi) ** 2))
             if abs(check - r["mse"]) > 1e-3 * max(r["mse"], 1e-6):
