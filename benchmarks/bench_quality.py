@@ -306,25 +306,13 @@ def _truth(comp: dict, chrom: str, clean: bool = False) -> tuple[np.ndarray, dic
     return synthetic.read_truth(data, "mouse", chrom, truth_index=index, clean=clean), index
 
 
-class MeanPredictor:
-    """The mean of the predictions of several trained models of one chromosome (a seed
-    ensemble): ``predict_chrom`` as :class:`epiray.impute.ModelPredictor`'s."""
+def mean_predictor(outs: list[Path], label: str, chrom: str):
+    """The mean of the predictions of several trained runs of one chromosome (a seed
+    ensemble): ``epiray impute``'s :class:`epiray.impute.EnsemblePredictor`, loaded as
+    ``model: [run, ...]`` loads it."""
+    from epiray.train import load_predictor
 
-    def __init__(self, outs: list[Path], label: str, chrom: str):
-        from epiray.train import load_predictor
-
-        self.members = [
-            load_predictor(str(o / "runs" / f"{label}.{{chrom}}.fold0"), chrom) for o in outs
-        ]
-
-    def predict_chrom(self, chrom: str, pairs, start: int, end: int) -> list[np.ndarray]:
-        total = None
-        for m in self.members:
-            got = [
-                np.asarray(v, dtype=np.float64) for v in m.predict_chrom(chrom, pairs, start, end)
-            ]
-            total = got if total is None else [t + g for t, g in zip(total, got)]
-        return [(t / len(self.members)).astype(np.float32) for t in total]
+    return load_predictor([str(o / "runs" / f"{label}.{{chrom}}.fold0") for o in outs], chrom)
 
 
 def score_unseen(comp: dict, label: str, out: Path | list[Path]) -> list[dict]:
@@ -338,7 +326,7 @@ def score_unseen(comp: dict, label: str, out: Path | list[Path]) -> list[dict]:
         truth, index = _truth(comp, chrom)
         clean, _ = _truth(comp, chrom, clean=True)
         bios, assays = index["species"]["mouse"]["biosamples"], index["species"]["mouse"]["assays"]
-        pred = MeanPredictor(outs, label, chrom)
+        pred = mean_predictor(outs, label, chrom)
         pairs = [(b, a) for a in comp["human_only"] for b in bios]
         values = pred.predict_chrom(chrom, pairs, 0, truth.shape[2])
         for (b, a), yhat in zip(pairs, values):
@@ -470,7 +458,7 @@ def score_ensemble(comp: dict, label: str, outs: list[Path], say) -> dict:
             continue
         pairs = [(exps.loc[r["experiment"], "biosample"], r["assay"]) for r in mine]
         y = store.read(MOUSE, chrom, [r["experiment"] for r in mine]).astype(np.float32)
-        ens = MeanPredictor(outs, label, chrom)  # each member loaded once
+        ens = mean_predictor(outs, label, chrom)  # each member loaded once
         single = ens.members[0].predict_chrom(chrom, pairs, 0, y.shape[1])
         mean = ens.predict_chrom(chrom, pairs, 0, y.shape[1])
         for r, yi, p1, pm in zip(mine, y, single, mean):

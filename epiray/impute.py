@@ -132,8 +132,11 @@ class ImputeConfig(Section):
     output_dir
         Where the bigWigs, their sidecars and the ``.parts`` spill folder go.
     model
-        The trained model: a model directory or a tracking run id. Recorded in every sidecar;
-        the caller turns it into ``predictor_for(chrom)``.
+        The trained model: a model directory or a tracking run id; or a list of them, an
+        **ensemble** whose imputation is the mean of its members' predictions on the arcsinh
+        scale (:class:`EnsemblePredictor`; e.g. runs of one config with other seeds, or of
+        different models), which imputes the pairs every member can. Recorded in every
+        sidecar (:func:`model_label`); the caller turns it into ``predictor_for(chrom)``.
     assembly
         Target assembly (e.g. ``mmSyn1``): the coordinates of the imputed tracks.
     pairs
@@ -183,7 +186,7 @@ class ImputeConfig(Section):
 
     store: str
     output_dir: str
-    model: str
+    model: str | list[str]
     assembly: str
     pairs: Literal["unobserved"] | list[PairSpec] = "unobserved"
     zero_shot_assays: bool = False
@@ -208,6 +211,36 @@ class ImputeConfig(Section):
         from epiray.precision import yaml_off
 
         return yaml_off(v)
+
+    @field_validator("model")
+    @classmethod
+    def _members(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str):
+            return v
+        if not v:
+            raise ValueError(
+                "an empty list; expected a trained model, or a list of two or more to average"
+            )
+        twice = sorted({m for m in v if v.count(m) > 1})
+        if twice:
+            raise ValueError(
+                f"{twice} listed more than once; expected each ensemble member once (a run "
+                "listed twice would count double in the mean)"
+            )
+        return v[0] if len(v) == 1 else list(v)
+
+    @property
+    def model_label(self) -> str:
+        """:attr:`model` in words (:func:`model_label`)."""
+        return model_label(self.model)
+
+
+def model_label(model: str | Sequence[str]) -> str:
+    """A model as sidecars, messages and ``epiray info`` name it: the model itself, or for an
+    ensemble ``mean of N models (a, b, ...)``."""
+    if isinstance(model, str):
+        return model
+    return f"mean of {len(model)} models ({', '.join(model)})"
 
 
 # --------------------------------------------------------------------------------------- pairs
@@ -524,6 +557,74 @@ class ModelPredictor:
         return np.stack([self._cache[k][lo:hi] for k in keys])
 
 
+class EnsemblePredictor:
+    """A :class:`Predictor` that averages the predictions of several trained models of one
+    chromosome (``ImputeConfig.model`` as a list).
+
+    The mean is taken on the arcsinh scale, the scale the models are trained and scored on (it
+    is the prediction that minimises the members' mean squared error there), in float64 and
+    returned as float32. Averaging runs that differ only in their seed removes most of the
+    seed-to-seed spread of small compendia (``benchmarks/RESULTS.md``, "Seed ensembles"); it
+    costs one training per member and, here, each member's prediction memory (a
+    :class:`ModelPredictor` keeps ``pair_batch`` whole-chromosome tracks).
+
+    Parameters
+    ----------
+    members
+        Predictors of the same chromosome (or plain callables with the signature of
+        :meth:`Predictor.predict_chrom`).
+    names
+        The members' names, for errors (default: ``member 1``, ...).
+
+    Raises
+    ------
+    EpirayError
+        No members, or ``names`` of another length.
+    """
+
+    def __init__(self, members: Sequence[Any], names: Sequence[str] | None = None) -> None:
+        if not members:
+            raise EpirayError(
+                "EnsemblePredictor: no members; expected at least one trained model."
+            )
+        self.members = list(members)
+        self.names = (
+            list(names)
+            if names is not None
+            else [f"member {i + 1}" for i in range(len(self.members))]
+        )
+        if len(self.names) != len(self.members):
+            raise EpirayError(
+                f"EnsemblePredictor: {len(self.names)} names for {len(self.members)} members; "
+                "expected one name per member."
+            )
+
+    def predict_chrom(
+        self, chrom: str, pairs: Sequence[tuple[str, str]], lo: int, hi: int
+    ) -> np.ndarray:
+        """The members' mean (see :meth:`Predictor.predict_chrom`).
+
+        Raises
+        ------
+        EpirayError
+            A member returns another shape than ``[len(pairs), hi - lo]`` (named, with the
+            chromosome).
+        """
+        total = None
+        want = (len(pairs), hi - lo)
+        for member, name in zip(self.members, self.names):
+            call = getattr(member, "predict_chrom", member)
+            got = np.asarray(call(chrom, pairs, lo, hi), dtype=np.float64)
+            if got.shape != want:
+                raise EpirayError(
+                    f"impute chrom {chrom!r}: ensemble member {name} returned shape "
+                    f"{got.shape} for bins [{lo}, {hi}); expected {want}, as every member. "
+                    "Check that the member is a model of this chromosome."
+                )
+            total = got if total is None else total + got
+        return (total / len(self.members)).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------- scope
 #: Where :func:`impute` records the requested pairs the model cannot impute (``epiray info``).
 UNIMPUTABLE = "impute.unimputable.json"
@@ -612,6 +713,29 @@ class ModelScope:
         )
 
     @classmethod
+    def common(cls, scopes: Sequence[ModelScope], source: str) -> ModelScope:
+        """The scope of an ensemble of ``scopes`` (one chromosome): what every member can
+        impute. A name counts as fitted only where every member fitted it; the ensemble is
+        cross-species when every member is; members of other assemblies than the first are
+        named in ``assembly`` (``a,b``), which the assembly check then refuses."""
+
+        def meet(sets):
+            return None if any(x is None for x in sets) else frozenset.intersection(*sets)
+
+        assemblies = sorted({s.assembly for s in scopes if s.assembly})
+        return cls(
+            chrom=scopes[0].chrom,
+            source=source,
+            description=f"mean of {len(scopes)}: " + "; ".join(s.description for s in scopes),
+            biosamples=meet([s.biosamples for s in scopes]),
+            assays=meet([s.assays for s in scopes]),
+            assembly=",".join(assemblies) or None,
+            cross_species=all(s.cross_species for s in scopes),
+            fitted_biosamples=meet([s.fitted_biosamples for s in scopes]),
+            fitted_assays=meet([s.fitted_assays for s in scopes]),
+        )
+
+    @classmethod
     def from_run_meta(cls, meta: Mapping[str, Any], chrom: str, source: str) -> ModelScope:
         """The scope of an ``epiray train`` checkpoint's ``meta.json``."""
         base = cls.from_vocabulary(meta["vocab"], chrom, source)
@@ -651,12 +775,19 @@ def _run_meta(run_dir: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and isinstance(meta.get("vocab"), dict) else None
 
 
-def run_scope(model: str, chrom: str) -> ModelScope | None:
-    """The scope of ``epiray train``'s run ``model.format(chrom=chrom)``.
+def run_scope(model: str | Sequence[str], chrom: str) -> ModelScope | None:
+    """The scope of ``epiray train``'s run ``model.format(chrom=chrom)`` (for a list, an
+    ensemble: :meth:`ModelScope.common` of its members').
 
     Returns None when ``model`` is not a run directory pattern with ``{chrom}`` or the run has
-    no final checkpoint (the loader reports that when it is asked for the model).
+    no final checkpoint (the loader reports that when it is asked for the model); for an
+    ensemble, when that holds for any member.
     """
+    if not isinstance(model, str):
+        scopes = [run_scope(m, chrom) for m in model]
+        if not scopes or any(sc is None for sc in scopes):
+            return None
+        return ModelScope.common(scopes, model_label(model))
     if "{chrom}" not in model:
         return None
     try:
@@ -672,11 +803,16 @@ def run_scope(model: str, chrom: str) -> ModelScope | None:
         return None
 
 
-def _pattern_of(predictor_for: Any, model: str) -> str:
-    """The run pattern ``predictor_for`` loads: ``functools.partial(load_predictor, P)`` -> P."""
+def _pattern_of(predictor_for: Any, model: str | list[str]) -> str | list[str]:
+    """The run pattern(s) ``predictor_for`` loads: ``functools.partial(load_predictor, P)`` ->
+    P."""
     func = getattr(predictor_for, "func", None)
     args = getattr(predictor_for, "args", ())
-    if getattr(func, "__name__", "") == "load_predictor" and args and isinstance(args[0], str):
+    if (
+        getattr(func, "__name__", "") == "load_predictor"
+        and args
+        and isinstance(args[0], (str, list, tuple))
+    ):
         return args[0]
     return model
 
@@ -702,7 +838,7 @@ def model_scopes(
                 log.debug("impute: no vocabulary for %s before predicting: %s", chrom, e)
                 continue
             if vocab is not None:
-                scopes[chrom] = ModelScope.from_vocabulary(vocab, chrom, cfg.model)
+                scopes[chrom] = ModelScope.from_vocabulary(vocab, chrom, cfg.model_label)
             continue
         scope = run_scope(_pattern_of(predictor_for, cfg.model), chrom)
         if scope is not None:
@@ -717,7 +853,7 @@ def _short(names: Sequence[str], n: int = 6) -> str:
 
 
 def unimputable_pairs(
-    pairs: Sequence[ImputedPair], scopes: Mapping[str, ModelScope], model: str
+    pairs: Sequence[ImputedPair], scopes: Mapping[str, ModelScope], model: str | Sequence[str]
 ) -> list[dict[str, Any]]:
     """The pairs some chromosome's model cannot impute, one record each (JSON-ready).
 
@@ -751,7 +887,7 @@ def unimputable_pairs(
                 "missing": [k for k in ("biosample", "assay") if k in missing],
                 "chroms": chroms,
                 "checked": len(scopes),
-                "model": model,
+                "model": model_label(model),
                 "cross_species": cross,
                 "reason": _reason(
                     p.zero_shot, [k for k in ("biosample", "assay") if k in missing]
@@ -855,13 +991,13 @@ def _check_models(
     other = {c: s.assembly for c, s in scopes.items() if s.assembly and s.assembly != cfg.assembly}
     if other:
         raise ConfigError(
-            f"impute {out}: model {cfg.model} was trained for assembly "
+            f"impute {out}: model {cfg.model_label} was trained for assembly "
             f"{sorted(set(other.values()))} (chroms {sorted(other)}); expected assembly "
             f"{cfg.assembly}. Use a model trained on {cfg.assembly}, or set assembly."
         )
     if not scopes:
         return pairs, []
-    bad = unimputable_pairs(pairs, scopes, cfg.model)
+    bad = unimputable_pairs(pairs, scopes, cfg.model_label)
     names = {e["experiment"] for e in bad}
     keep = [p for p in pairs if p.experiment not in names]
     if cfg.pairs != "unobserved":
@@ -876,7 +1012,8 @@ def _check_models(
             "\n".join(
                 [
                     f"impute {out}: {len(bad)} of {len(pairs)} requested pairs cannot be "
-                    f"imputed by model {cfg.model} ({_scope_words(scopes)}){what}; expected "
+                    f"imputed by model {cfg.model_label} ({_scope_words(scopes)}){what}; "
+                    "expected "
                     "every pair's biosample and assay among those the model has factors for. "
                     "Nothing was written.",
                     *_group_lines(bad, "  - "),
@@ -892,7 +1029,7 @@ def _check_models(
             out,
             len(bad),
             len(pairs),
-            cfg.model,
+            cfg.model_label,
             _short(counts),
             unimputable_advice(bad, drop),
             out,
@@ -908,7 +1045,7 @@ def _check_models(
             "for them",
             out,
             _short(sorted({n for v in unfitted.values() for n in v})),
-            cfg.model,
+            cfg.model_label,
             len(unfitted),
         )
     return keep, bad
@@ -1104,7 +1241,7 @@ def plan(cfg: ImputeConfig, predictor_for: PredictorFor | None = None) -> _Plan:
         species=asm.species,
         bin_size=store.bin_size,
         scale=cfg.scale,
-        model=cfg.model,
+        model=cfg.model_label,
         chroms=chroms,
         header=_header(store, cfg, chroms),
         pairs=pairs,

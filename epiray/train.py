@@ -1476,7 +1476,7 @@ def load_shards(
     return shards
 
 
-def load_predictor(model: str, chrom: str, autocast: str = "off"):
+def load_predictor(model: str | Sequence[str], chrom: str, autocast: str = "off"):
     """The imputation predictor of one chromosome.
 
     Parameters
@@ -1484,7 +1484,8 @@ def load_predictor(model: str, chrom: str, autocast: str = "off"):
     model
         Run directory pattern with a ``{chrom}`` placeholder, e.g.
         ``quickstart/runs/avocado_cross_species.{chrom}.fold0`` (``epiray train`` names runs
-        ``{model label}.{chrom}.{fold}`` under its ``out``).
+        ``{model label}.{chrom}.{fold}`` under its ``out``); or a list of them, whose
+        predictions are averaged (:class:`~epiray.impute.EnsemblePredictor`).
     chrom
         Chromosome.
     autocast
@@ -1495,8 +1496,11 @@ def load_predictor(model: str, chrom: str, autocast: str = "off"):
     EpirayError
         No finished model for ``chrom``.
     """
-    from epiray.impute import ModelPredictor
+    from epiray.impute import EnsemblePredictor, ModelPredictor
 
+    if not isinstance(model, str):
+        members = [load_predictor(m, chrom, autocast) for m in model]
+        return EnsemblePredictor(members, names=list(model))
     if "{chrom}" not in model:
         raise ConfigError(
             f"impute model {model!r}: expected a run directory pattern with a {{chrom}} "

@@ -334,3 +334,100 @@ def test_epiray_impute_and_info_commands(world, tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "not imputable by model" in text and "unfinished:" not in text
+
+
+# ------------------------------------------------------------------------------- ensembles
+def _values(path: Path) -> dict[str, np.ndarray]:
+    import pyBigWig
+
+    bw = pyBigWig.open(str(path))
+    try:
+        return {c: bw.values(c, 0, n, numpy=True) for c, n in bw.chroms().items()}
+    finally:
+        bw.close()
+
+
+def test_an_ensemble_imputes_the_mean_of_its_members_where_every_member_can(
+    world, tmp_path, capsys
+):
+    import yaml
+
+    from epiray.cli import main
+
+    store, models = world
+    members = [models["mouse"], models["zs"]]
+    singles = {}
+    for k in ("mouse", "zs"):
+        res = run(config(store, tmp_path / k, models[k]))
+        singles[k] = {p.name: _values(p) for p in res.written}
+    out = tmp_path / "ens"
+    cfg = {
+        "store": str(store.root),
+        "output_dir": str(out),
+        "model": members,
+        "assembly": ASM,
+        "chroms": ["chr1", "chr2"],
+        "executor": "local",
+        "zero_shot_assays": True,
+    }
+    path = tmp_path / "ens.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["impute", "--config", str(path)]) == 0
+    assert "5 bigWigs written" in capsys.readouterr().out
+    written = read_outputs(out)
+    assert len(written) == 5 and set(singles["mouse"]) == {Path(m["path"]).name for m in written}
+    for meta in written:
+        name = Path(meta["path"]).name
+        got = _values(Path(meta["path"]))
+        for chrom, v in got.items():
+            want = (singles["mouse"][name][chrom] + singles["zs"][name][chrom]) / 2
+            np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-6)
+        # the members differ, so the mean is neither of them
+        assert not np.allclose(got["chr1"], singles["mouse"][name]["chr1"])
+        assert meta["model"] == f"mean of 2 models ({members[0]}, {members[1]})"
+    # the hub names the ensemble, and `epiray info` the unimputable pairs of the mouse member
+    assert (out / "hub.txt").is_file()
+    assert main(["info", str(out)]) == 0
+    assert "not imputable by model mean of 2 models" in capsys.readouterr().out
+    # the assay only the cross-species member knows is not imputed by the ensemble
+    with pytest.raises(ConfigError, match=r"\(mm.B2, GATA1\)"):
+        run(
+            config(
+                store,
+                tmp_path / "x",
+                [models["cross"], models["mouse"]],
+                pairs=pairs(("mm.B2", "GATA1")),
+            )
+        )
+    res = run(
+        config(store, tmp_path / "y", [models["cross"], models["mouse"]], zero_shot_assays=True)
+    )
+    assert {e["assay"] for e in res.unimputable} == {"GATA1"} and len(res.written) == 5
+
+
+def test_ensemble_config_members():
+    base = dict(store="s", output_dir="o", assembly=ASM)
+    assert ImputeConfig(**base, model=["a.{chrom}.all"]).model == "a.{chrom}.all"
+    cfg = ImputeConfig(**base, model=["a.{chrom}.all", "b.{chrom}.all"])
+    assert cfg.model_label == "mean of 2 models (a.{chrom}.all, b.{chrom}.all)"
+    with pytest.raises(ValueError, match="listed more than once"):
+        ImputeConfig(**base, model=["a.{chrom}.all", "a.{chrom}.all"])
+    with pytest.raises(ValueError, match="empty list"):
+        ImputeConfig(**base, model=[])
+
+
+def test_ensemble_predictor_refuses_a_member_of_another_shape():
+    from epiray.impute import EnsemblePredictor
+
+    def ok(chrom, pairs, lo, hi):
+        return np.ones((len(pairs), hi - lo), dtype=np.float32)
+
+    def short(chrom, pairs, lo, hi):
+        return np.ones((len(pairs), hi - lo - 1), dtype=np.float32)
+
+    ens = EnsemblePredictor([ok, lambda *a: 3 * ok(*a)], names=["a", "b"])
+    np.testing.assert_array_equal(ens.predict_chrom("chr1", [("b", "x")], 0, 4), 2.0)
+    with pytest.raises(EpirayError, match=r"ensemble member b returned shape \(1, 3\)"):
+        EnsemblePredictor([ok, short], names=["a", "b"]).predict_chrom("chr1", [("b", "x")], 0, 4)
+    with pytest.raises(EpirayError, match="no members"):
+        EnsemblePredictor([])
