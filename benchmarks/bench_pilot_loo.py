@@ -25,6 +25,15 @@ overall, paired wins against average activity) is printed and logged to MLflow (
     .venv/bin/python benchmarks/bench_pilot_loo.py --models average_activity
     .venv/bin/python benchmarks/bench_pilot_loo.py --models avocado --assays H3K4me3
     .venv/bin/python benchmarks/bench_pilot_loo.py --report
+
+``--data synth:SEED`` runs the same protocol on a generated stand-in of the pilot's shape
+(:data:`DEV_PILOT`: 5 biosamples of 5 different programs × the pilot's 5 histone marks, one
+6 Mb chromosome, every track observed, noisy): the dev data on which settings for compendia
+this small are chosen without looking at the pilot (issue 17). ``--config`` trains the
+``avocado_shipped_*`` models from another config (a dev candidate) instead of the shipped one.
+
+    .venv/bin/python benchmarks/bench_pilot_loo.py --data synth:201 \\
+        --work benchmarks/_work/pilot_dev/shipped --models average_activity avocado_shipped_bf16
 """
 
 from __future__ import annotations
@@ -53,6 +62,23 @@ MODELS = ("average_activity", "avocado", "edice", "avocado_shipped_fp32", "avoca
 #: float32 (``autocast: off``) or bf16 autocast, the same seeds (issues 17 and 20)
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "train_avocado.yaml"
 CELLS, ASSAYS = ba.CELLS, ba.ASSAYS
+#: ``epiray synth`` parameters of the pilot's dev stand-in (``--data synth:SEED``).
+DEV_PILOT = dict(
+    mouse_genome_bp=6_000_000,
+    mouse_chroms=1,
+    human_genome_bp=7_000_000,
+    human_chroms=1,
+    mouse_biosamples=5,
+    human_biosamples=2,
+    programs=("liver", "brain", "blood", "esc", "fibroblast"),
+    assays=tuple(ASSAYS),
+    human_only_assays=(),
+    mouse_rare_assays=(),
+    mouse_experiments=25,
+    human_experiments=10,
+    min_human_per_assay=1,
+    noise=0.4,
+)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -61,11 +87,42 @@ def _atomic_write(path: Path, write) -> None:
     tmp.replace(path)
 
 
+def _axes(tracks) -> tuple[list[str], list[str]]:
+    """The cell types and assays of ``tracks``, in order of first appearance."""
+    return list(dict.fromkeys(c for c, _ in tracks)), list(dict.fromkeys(a for _, a in tracks))
+
+
+def _vocab(tracks):
+    from epiray.models import Vocabulary
+
+    n = len(next(iter(tracks.values())))
+    recs = [(f"{c}.{a}", c, a, "human") for c, a in tracks]
+    return Vocabulary.from_records(recs, chrom="pilot", n_bins=n)
+
+
+def load_synth(seed: int, work: Path) -> dict[tuple[str, str], np.ndarray]:
+    """The 25 tracks of the pilot's generated stand-in (generated under ``work`` once)."""
+    from epiray import synthetic
+
+    out = work / f"synth-{seed}"
+    if not (out / "truth" / "truth.json").is_file():
+        synthetic.generate(out, seed, synthetic.SynthParams(**DEV_PILOT), overwrite=True)
+    index = synthetic.read_truth_index(out)
+    entry = index["species"]["mouse"]
+    (chrom,) = entry["chroms"]
+    arr = synthetic.read_truth(out, "mouse", chrom, truth_index=index, mmap=False)
+    return {
+        (b, a): arr[i, entry["assays"].index(a)].astype(np.float32)
+        for i, b in enumerate(entry["biosamples"])
+        for a in ASSAYS
+    }
+
+
 def impute_average_activity(tracks, held) -> tuple[np.ndarray, dict]:
     from epiray.models.baselines import AverageActivity
 
     cell, assay = held
-    vocab = ba._vocab()
+    vocab = _vocab(tracks)
     data = ba._data(tracks, vocab, [k for k in tracks if k != held])
     aa = AverageActivity.fit(data, vocab)
     return aa.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy(), {}
@@ -76,8 +133,9 @@ def impute_avocado(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
     from epiray.models.avocado import Avocado, AvocadoParams
 
     cell, assay = held
-    vocab = ba._vocab()
-    val = (CELLS[(CELLS.index(cell) + 1) % len(CELLS)], assay)
+    vocab = _vocab(tracks)
+    cells = _axes(tracks)[0]
+    val = (cells[(cells.index(cell) + 1) % len(cells)], assay)
     train = [k for k in tracks if k not in (held, val)]
     data = ba._data(tracks, vocab, train, [val])
     torch.manual_seed(seed)
@@ -92,17 +150,20 @@ def impute_avocado(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
     return pred, info
 
 
-def impute_avocado_shipped(tracks, held, seed: int, autocast: str) -> tuple[np.ndarray, dict]:
-    """Train on the other 24 tracks at the shipped config and impute ``held``."""
+def impute_avocado_shipped(
+    tracks, held, seed: int, autocast: str, config: Path = SHIPPED
+) -> tuple[np.ndarray, dict]:
+    """Train on the other 24 tracks at the shipped config (or ``config``) and impute
+    ``held``."""
     from epiray.config import load_config
     from epiray.folds import heldout_blocks, heldout_fraction
     from epiray.loop import fit
     from epiray.models.avocado import Avocado, AvocadoParams
     from epiray.train import TrainConfig
 
-    cfg = load_config(TrainConfig, SHIPPED)
+    cfg = load_config(TrainConfig, config)
     cell, assay = held
-    vocab = ba._vocab()
+    vocab = _vocab(tracks)
     train = [k for k in tracks if k != held]
     data = ba._data(tracks, vocab, train)
     v = cfg.validation
@@ -120,7 +181,7 @@ def impute_avocado_shipped(tracks, held, seed: int, autocast: str) -> tuple[np.n
     data.heldout = None
     pred = model.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy()
     info = {
-        "config": str(SHIPPED.name),
+        "config": str(config),
         "autocast": autocast,
         "precision": st.regime.get("precision") if st.regime else None,
         "batch_size": st.regime.get("batch_size") if st.regime else None,
@@ -139,7 +200,7 @@ def impute_edice(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
     return preds[held], {}
 
 
-def run_one(model: str, tracks, held, work: Path, seed: int) -> bool:
+def run_one(model: str, tracks, held, work: Path, seed: int, config: Path = SHIPPED) -> bool:
     """Impute and score ``held`` with ``model`` unless done; True when it ran."""
     name = f"{held[0]}.{held[1]}"
     out = work / model
@@ -153,7 +214,7 @@ def run_one(model: str, tracks, held, work: Path, seed: int) -> bool:
         pred, info = impute_avocado(tracks, held, seed)
     elif model.startswith("avocado_shipped_"):
         autocast = {"fp32": "off", "bf16": "bf16"}[model.rsplit("_", 1)[1]]
-        pred, info = impute_avocado_shipped(tracks, held, seed, autocast)
+        pred, info = impute_avocado_shipped(tracks, held, seed, autocast, config)
     else:
         pred, info = impute_edice(tracks, held, seed)
     info.update(
@@ -167,11 +228,12 @@ def run_one(model: str, tracks, held, work: Path, seed: int) -> bool:
 
 def score_all(tracks, work: Path) -> tuple[pd.DataFrame, float]:
     """Every finished (model, track) scored with the full metric set; also bins/s per core."""
-    weights = {a: assay_variance(np.stack([tracks[c, a] for c in CELLS])) for a in ASSAYS}
+    cells, assays = _axes(tracks)
+    weights = {a: assay_variance(np.stack([tracks[c, a] for c in cells])) for a in assays}
     rows, cpu, n_bins = [], 0.0, 0
     for model in MODELS:
-        for cell in CELLS:
-            for assay in ASSAYS:
+        for cell in cells:
+            for assay in assays:
                 name = f"{cell}.{assay}"
                 if not (work / model / f"{name}.json").is_file():
                     continue
@@ -236,14 +298,16 @@ def summarise(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def log_mlflow(scores: pd.DataFrame, tables: dict, speed: float, uri: str | None, work: Path):
+def log_mlflow(
+    scores: pd.DataFrame, tables: dict, speed: float, uri: str | None, work: Path, data: str
+):
     from epiray.tracking import TrackingConfig, start_run
 
     cfg = TrackingConfig(experiment="pilot-loo", tracking_uri=uri or f"sqlite:///{work}/mlflow.db")
     with start_run(cfg, name="pilot_loo", base_dir=work, resume=True) as run:
         run.log_params(
             {
-                "data": "roadmap-pilot (25 tracks, 1,126,469 bins)",
+                "data": data,
                 "avocado.model": json.dumps(ba.PILOT_MODEL),
                 "avocado.loop": json.dumps(ba.PILOT_LOOP),
                 "edice": "dim 32, mlp 2x128, n_targets 0.2, 1000 steps x 256 bins",
@@ -265,7 +329,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--assays", nargs="+", default=ASSAYS, choices=ASSAYS)
-    ap.add_argument("--cells", nargs="+", default=CELLS, choices=CELLS)
+    ap.add_argument("--cells", nargs="+", default=None, help="default: every cell type")
+    ap.add_argument(
+        "--data",
+        default="pilot",
+        help="pilot (the Roadmap pilot, test data) or synth:SEED (its generated dev stand-in)",
+    )
+    ap.add_argument(
+        "--config", type=Path, default=SHIPPED, help="config of the avocado_shipped_* models"
+    )
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -274,12 +346,23 @@ def main() -> None:
     ap.add_argument("--no-mlflow", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tracks = {k: v.astype(np.float32) for k, v in ba._load().items()}
+    if args.data == "pilot":
+        tracks = {k: v.astype(np.float32) for k, v in ba._load().items()}
+    elif args.data.startswith("synth:"):
+        if "edice" in args.models or "avocado" in args.models:
+            sys.exit("bench_pilot_loo: on synth data, only average_activity and avocado_shipped_*")
+        args.work.mkdir(parents=True, exist_ok=True)
+        tracks = load_synth(int(args.data.split(":", 1)[1]), args.work.parent)
+    else:
+        sys.exit(f"bench_pilot_loo: --data {args.data!r}; expected pilot or synth:SEED")
+    cells = args.cells or _axes(tracks)[0]
+    if unknown := set(cells) - set(_axes(tracks)[0]):
+        sys.exit(f"bench_pilot_loo: unknown cell types {sorted(unknown)}; have {_axes(tracks)[0]}")
     if not args.report:
         for assay in args.assays:  # assay-major: the H3K4me3 cases (issue 4) come first
-            for cell in args.cells:
+            for cell in cells:
                 for model in args.models:
-                    run_one(model, tracks, (cell, assay), args.work, args.seed)
+                    run_one(model, tracks, (cell, assay), args.work, args.seed, args.config)
     scores, speed = score_all(tracks, args.work)
     if scores.empty:
         sys.exit("bench_pilot_loo: nothing finished yet")
@@ -291,7 +374,12 @@ def main() -> None:
         print(df.round(4).to_string())
     print(f"\nscoring, every metric: {speed / 1e6:.2f} M bins/s per core")
     if not args.no_mlflow:
-        uri, run_id = log_mlflow(scores, tables, speed, args.tracking_uri, args.work)
+        data = (
+            "roadmap-pilot (25 tracks, 1,126,469 bins)"
+            if args.data == "pilot"
+            else f"{args.data} (DEV_PILOT, {len(tracks)} tracks)"
+        )
+        uri, run_id = log_mlflow(scores, tables, speed, args.tracking_uri, args.work, data)
         print(f"MLflow: run {run_id} in {uri} (experiment pilot-loo)")
 
 
