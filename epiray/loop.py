@@ -216,6 +216,12 @@ class TrainState:
         In the refit phase, its length.
     lr_drops
         Validation plateaus met (every ``plateau_patience`` epochs without improvement).
+    lr_plan
+        In the refit phase, the learning-rate factor of each epoch of the selection run (its
+        ``lr`` history over the base rate): the refit replays them epoch by epoch, so a
+        ``plateau`` schedule's halvings, which need validation, happen at the same epochs and
+        the refit trains in the regime whose length validation chose. None: the schedule's
+        own factors.
     """
 
     epoch: int = 0
@@ -234,6 +240,7 @@ class TrainState:
     phase: Literal["fit", "refit"] = "fit"
     selected_epochs: int | None = None
     lr_drops: int = 0
+    lr_plan: list[float] | None = None
 
     def for_new_phase(self, keep_sparse: bool = True) -> TrainState:
         """A fresh state that keeps only the optimiser moments (transfer phases).
@@ -694,7 +701,10 @@ def fit(
 
     start_epoch = state.epoch
     while state.epoch < params.epochs and not state.stopped:
-        factor = _lr_factor(params, state.epoch, state.lr_drops)
+        if state.lr_plan:
+            factor = state.lr_plan[min(state.epoch, len(state.lr_plan) - 1)]
+        else:
+            factor = _lr_factor(params, state.epoch, state.lr_drops)
         for opt, base in ((dense_opt, params.lr), (sparse_opt, params.sparse_lr or params.lr)):
             for group in opt.param_groups if opt is not None else ():
                 group["lr"] = base * factor

@@ -111,7 +111,9 @@ class ValidationSection(Section):
         validation; training runs ``train.epochs``.
     ``refit``
         After training with validation, train a fresh model on every cell (validation cells
-        included) for the number of epochs validation chose, and keep that one.
+        included) for the number of epochs validation chose, with the learning rate the
+        selection run had in each of them (a ``plateau`` schedule's halvings replayed), and
+        keep that one.
     Validation experiments given by the fold (PREDICTD) are always scored as well.
     """
 
@@ -946,8 +948,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if run is not None:
             run.set_tags(regime_tags(state, loop_params) | {"epiray.refit_epochs": str(chosen)})
         report(state, dict(state.history[-1]) if state.history else {}, tag="_selected")
+        # the selection run's learning rate, epoch by epoch (plateau halvings need validation)
+        plan = [h["lr"] / loop_params.lr for h in state.history[:chosen]] or None
         log.info("refit: training a fresh model on every cell for %d epochs", chosen)
-        state = TrainState(phase="refit", selected_epochs=chosen)
+        state = TrainState(phase="refit", selected_epochs=chosen, lr_plan=plan)
     if state.phase == "refit":
         selection.setdefault("selected_epochs", state.selected_epochs)
         data.heldout = None

@@ -423,3 +423,15 @@ def test_plateau_schedule_lowers_the_rate_on_plateaus():
     state = fit(model, data, params, callback=lambda s, m: rates.append(m["lr"]))
     assert state.lr_drops == 4
     assert rates == pytest.approx([1e-9] * 3 + [5e-10] * 2 + [2.5e-10] * 2 + [1.25e-10] * 2)
+    # a refit (no validation, so no plateau is ever met) replays the rates when given the plan
+    data.heldout = None
+    again = fit(
+        Avocado.build(TINY, vocab, data),
+        data,
+        params,
+        start_state=TrainState(phase="refit", lr_plan=[r / 1e-9 for r in rates[:6]]),
+    )
+    assert again.lr_drops == 0
+    assert [h["lr"] for h in again.history] == pytest.approx(rates[:6] + [rates[5]] * 3)
+    plain = fit(Avocado.build(TINY, vocab, data), data, params.model_copy(update={"epochs": 2}))
+    assert [h["lr"] for h in plain.history] == [1e-9, 1e-9]  # without a plan: constant

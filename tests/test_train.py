@@ -228,6 +228,9 @@ def test_cell_validation_and_refit(tmp_path, tiny_store):
     assert len(meta["selection_history"]) == 3 and len(meta["history"]) == chosen
     assert r.checkpoint.endswith(f"epoch{3 + chosen:04d}_final")
     assert all(h["val_mse"] is not None for h in meta["selection_history"])
+    # the refit replays the selection run's learning rate epoch by epoch
+    sel_lr = [h["lr"] for h in meta["selection_history"][:chosen]]
+    assert [h["lr"] for h in meta["history"]] == pytest.approx(sel_lr)
     assert meta["regime"]["batch_size"] >= 256
     import mlflow
 
