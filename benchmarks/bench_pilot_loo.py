@@ -159,45 +159,86 @@ def impute_avocado(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
     return pred, info
 
 
+def _aa_weight(model, data, vocab, tracks, fit_on, val) -> float:
+    """The weight ``w`` of the model in ``w · model + (1 − w) · AA`` that fits the whole
+    validation tracks best (least squares, clipped to [0, 1]); AA of a validation track is the
+    mean of the training tracks of its assay. Information for choosing a remedy on dev data:
+    the blend is not applied to the saved prediction."""
+    num = den = 0.0
+    for c, a in val:
+        others = [tracks[k] for k in fit_on if k[1] == a]
+        if not others:
+            continue
+        aa = np.mean(others, 0)
+        pred = model.predict(data, vocab.biosample_index(c), vocab.assay_index(a)).float().numpy()
+        d, r = pred - aa, tracks[c, a] - aa
+        num, den = num + float(d @ r), den + float(d @ d)
+    return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 1.0
+
+
 def impute_avocado_shipped(
     tracks, held, seed: int, autocast: str, config: Path = SHIPPED
 ) -> tuple[np.ndarray, dict]:
     """Train on the other 24 tracks at the shipped config (or ``config``) and impute
-    ``held``."""
+    ``held``: its model, train section and validation as ``epiray train`` does them (cells;
+    or whole experiments, ``per_assay`` per assay; with ``refit``, a fresh model on all 24
+    for the epochs chosen, replaying the selection run's learning rates)."""
     from epiray.config import load_config
     from epiray.folds import heldout_blocks, heldout_fraction
-    from epiray.loop import fit
+    from epiray.loop import TrainState, fit
     from epiray.models.avocado import Avocado, AvocadoParams
-    from epiray.train import TrainConfig
+    from epiray.train import TrainConfig, _pick_validation
 
     cfg = load_config(TrainConfig, config)
     cell, assay = held
     vocab = _vocab(tracks)
     train = [k for k in tracks if k != held]
-    data = ba._data(tracks, vocab, train)
     v = cfg.validation
+    fit_on, val = train, []
+    if v.scheme == "experiments":
+        names = {f"{c}.{a}": (c, a) for c, a in train}
+        table = pd.DataFrame({"experiment": list(names), "assay": [a for _, a in train]})
+        kept, picked = _pick_validation(table, list(names), v, v.seed + seed)
+        fit_on, val = [names[e] for e in kept], [names[e] for e in picked]
+    data = ba._data(tracks, vocab, fit_on, val)
     n = data.n_bins
-    frac = heldout_fraction(len(train), n, v.fraction, v.max_cells)
-    ids = [f"{c}.{a}" for c, a in train]
-    data.heldout = torch.from_numpy(
-        heldout_blocks(ids, "pilot", n, 0, n, frac, v.block_bins, seed)
-    )
-    data.heldout_block = v.block_bins
+    if v.scheme == "cells":
+        frac = heldout_fraction(len(train), n, v.fraction, v.max_cells)
+        ids = [f"{c}.{a}" for c, a in train]
+        data.heldout = torch.from_numpy(
+            heldout_blocks(ids, "pilot", n, 0, n, frac, v.block_bins, seed)
+        )
+        data.heldout_block = v.block_bins
+    params = cfg.train.model_copy(update={"seed": seed, "autocast": autocast})
     torch.manual_seed(seed)
     model = Avocado.build(AvocadoParams(**cfg.model.params), vocab, data)
-    params = cfg.train.model_copy(update={"seed": seed, "autocast": autocast})
     st = fit(model, data, params)
-    data.heldout = None
-    pred = model.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy()
     info = {
         "config": str(config),
         "autocast": autocast,
+        "validation": v.scheme,
+        "val_tracks": [f"{c}.{a}" for c, a in val],
         "precision": st.regime.get("precision") if st.regime else None,
         "batch_size": st.regime.get("batch_size") if st.regime else None,
         "best_epoch": st.best_epoch,
         "epochs": st.epoch,
-        "val_curve": [round(h["val_mse"], 4) for h in st.history],
+        "val_curve": [round(h["val_mse"], 4) for h in st.history if h["val_mse"] is not None],
     }
+    if val:
+        info["aa_weight"] = _aa_weight(model, data, vocab, tracks, fit_on, val)
+    if v.refit and v.scheme != "none":
+        chosen = st.best_epoch or st.epoch
+        plan = [h["lr"] / params.lr for h in st.history[:chosen]]
+        data = ba._data(tracks, vocab, train)
+        torch.manual_seed(seed)
+        model = Avocado.build(AvocadoParams(**cfg.model.params), vocab, data)
+        again = params.model_copy(
+            update={"epochs": chosen, "patience": None, "restore_best": False}
+        )
+        fit(model, data, again, start_state=TrainState(phase="refit", lr_plan=plan))
+        info["refit_epochs"] = chosen
+    data.heldout = None
+    pred = model.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy()
     return pred, info
 
 
