@@ -348,6 +348,55 @@ def summarise(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def blend_table(
+    tracks, work: Path, blends: list[str], cells: list[str], assays: list[str]
+) -> pd.DataFrame:
+    """MSE of ``w · model + (1 − w) · AA`` for every finished ``avocado_shipped_*`` track of
+    ``cells`` × ``assays``, AA being the other cell types' mean of the assay (information for
+    dev choices; nothing is saved). Each blend: ``own`` (the run's ``aa_weight``, fitted on its
+    whole validation tracks), a fixed weight (``0.5``), or a work folder whose runs'
+    ``aa_weight`` is used."""
+    every = _axes(tracks)[0]
+    rows = []
+    for model in [m for m in MODELS if m.startswith("avocado_shipped_")]:
+        for cell in cells:
+            for assay in assays:
+                name = f"{cell}.{assay}"
+                if not (work / model / f"{name}.json").is_file():
+                    continue
+                y = tracks[cell, assay]
+                pred = np.load(work / model / f"{name}.npy").astype(np.float32)
+                aa = np.mean([tracks[c, assay] for c in every if c != cell], 0)
+                row = {"model": model, "track": name, "model_mse": float(np.mean((pred - y) ** 2))}
+                row["aa_mse"] = float(np.mean((aa - y) ** 2))
+                for blend in blends:
+                    if blend == "own":
+                        src = work / model / f"{name}.json"
+                    elif Path(blend).is_dir():
+                        src = Path(blend) / model / f"{name}.json"
+                    else:
+                        w = float(blend)
+                        src = None
+                    if src is not None:
+                        w = json.loads(src.read_text()).get("aa_weight") if src.is_file() else None
+                    if w is None:
+                        row[f"blend {blend}"] = np.nan
+                        continue
+                    row[f"blend {blend}"] = float(np.mean((w * pred + (1 - w) * aa - y) ** 2))
+                rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    cols = [c for c in df.columns if c not in ("model", "track")]
+    out = df.groupby("model")[cols].mean()
+    out.insert(0, "tracks", df.groupby("model").size())
+    for c in cols:
+        if c != "aa_mse":
+            wins = (df[c] < df["aa_mse"]).groupby(df["model"]).sum()
+            out[f"{c} wins"] = wins.astype(int)
+    return out
+
+
 def log_mlflow(
     scores: pd.DataFrame, tables: dict, speed: float, uri: str | None, work: Path, data: str
 ):
@@ -385,6 +434,13 @@ def main() -> None:
         default="pilot",
         help="pilot (the Roadmap pilot, test data), or synth:SEED / synth-noisy:SEED (its "
         "generated dev stand-ins, DEV_DATA)",
+    )
+    ap.add_argument(
+        "--blend",
+        nargs="+",
+        default=None,
+        help="also report blends of the avocado_shipped models with average activity: own "
+        "(the run's aa_weight), a fixed weight, or a work folder whose aa_weight to use",
     )
     ap.add_argument(
         "--config", type=Path, default=SHIPPED, help="config of the avocado_shipped_* models"
@@ -428,6 +484,10 @@ def main() -> None:
         print(f"\n## {name}")
         print(df.round(4).to_string())
     print(f"\nscoring, every metric: {speed / 1e6:.2f} M bins/s per core")
+    if args.blend:
+        print("\n## blend with average activity (w · model + (1 − w) · AA; information)")
+        table = blend_table(tracks, args.work, args.blend, cells, args.assays)
+        print(table.round(4).to_string())
     if not args.no_mlflow:
         data = (
             "roadmap-pilot (25 tracks, 1,126,469 bins)"
