@@ -185,7 +185,7 @@ def impute_avocado_shipped(
     for the epochs chosen, replaying the selection run's learning rates)."""
     from epiray.config import load_config
     from epiray.folds import heldout_blocks, heldout_fraction
-    from epiray.loop import TrainState, fit
+    from epiray.loop import fit
     from epiray.models.avocado import Avocado, AvocadoParams
     from epiray.train import TrainConfig, _pick_validation
 
@@ -227,16 +227,15 @@ def impute_avocado_shipped(
     if val:
         info["aa_weight"] = _aa_weight(model, data, vocab, tracks, fit_on, val)
     if v.refit and v.scheme != "none":
-        chosen = st.best_epoch or st.epoch
-        plan = [h["lr"] / params.lr for h in st.history[:chosen]]
+        start = st.refit(params.lr)
         data = ba._data(tracks, vocab, train)
         torch.manual_seed(seed)
         model = Avocado.build(AvocadoParams(**cfg.model.params), vocab, data)
         again = params.model_copy(
-            update={"epochs": chosen, "patience": None, "restore_best": False}
+            update={"epochs": start.selected_epochs, "patience": None, "restore_best": False}
         )
-        fit(model, data, again, start_state=TrainState(phase="refit", lr_plan=plan))
-        info["refit_epochs"] = chosen
+        fit(model, data, again, start_state=start)
+        info["refit_epochs"] = start.selected_epochs
     data.heldout = None
     pred = model.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy()
     return pred, info
@@ -348,6 +347,15 @@ def summarise(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _blend_weight(blend: str, own: Path) -> float | None:
+    """The weight ``blend`` names for the run whose info is ``own``: its ``aa_weight``
+    (``own``), the same track's in another work folder, or a number; None when not recorded."""
+    if blend == "own" or Path(blend).is_dir():
+        src = own if blend == "own" else Path(blend) / own.parent.name / own.name
+        return json.loads(src.read_text()).get("aa_weight") if src.is_file() else None
+    return float(blend)
+
+
 def blend_table(
     tracks, work: Path, blends: list[str], cells: list[str], assays: list[str]
 ) -> pd.DataFrame:
@@ -370,19 +378,10 @@ def blend_table(
                 row = {"model": model, "track": name, "model_mse": float(np.mean((pred - y) ** 2))}
                 row["aa_mse"] = float(np.mean((aa - y) ** 2))
                 for blend in blends:
-                    if blend == "own":
-                        src = work / model / f"{name}.json"
-                    elif Path(blend).is_dir():
-                        src = Path(blend) / model / f"{name}.json"
-                    else:
-                        w = float(blend)
-                        src = None
-                    if src is not None:
-                        w = json.loads(src.read_text()).get("aa_weight") if src.is_file() else None
-                    if w is None:
-                        row[f"blend {blend}"] = np.nan
-                        continue
-                    row[f"blend {blend}"] = float(np.mean((w * pred + (1 - w) * aa - y) ** 2))
+                    w = _blend_weight(blend, work / model / f"{name}.json")
+                    row[f"blend {blend}"] = (
+                        np.nan if w is None else float(np.mean((w * pred + (1 - w) * aa - y) ** 2))
+                    )
                 rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:

@@ -242,6 +242,14 @@ class TrainState:
     lr_drops: int = 0
     lr_plan: list[float] | None = None
 
+    def refit(self, base_lr: float) -> TrainState:
+        """The start state of a refit after this finished selection run: a fresh model's
+        state for the epochs validation chose (the best, else every epoch run), replaying this
+        run's learning-rate factor of each (``lr_plan``; ``base_lr`` is its base rate)."""
+        chosen = self.best_epoch or self.epoch
+        plan = [h["lr"] / base_lr for h in self.history[:chosen]] or None
+        return TrainState(phase="refit", selected_epochs=chosen, lr_plan=plan)
+
     def for_new_phase(self, keep_sparse: bool = True) -> TrainState:
         """A fresh state that keeps only the optimiser moments (transfer phases).
 

@@ -41,7 +41,6 @@ from epiray.folds import heldout_fraction
 from epiray.loader import Aux, load_chrom_data, shard_bounds, slab_size
 from epiray.loop import (
     LoopParams,
-    TrainState,
     fit,
     load_checkpoint,
     save_checkpoint,
@@ -936,7 +935,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict(state.best_state)
     if state.phase == "fit" and spec.refit:
         # phase 2: a fresh model on every cell for the epochs validation chose
-        chosen = state.best_epoch or state.epoch
+        refit_state = state.refit(loop_params.lr)
+        chosen = refit_state.selected_epochs
         selection.update(
             selection_epochs=state.epoch,
             selected_epochs=chosen,
@@ -948,10 +948,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if run is not None:
             run.set_tags(regime_tags(state, loop_params) | {"epiray.refit_epochs": str(chosen)})
         report(state, dict(state.history[-1]) if state.history else {}, tag="_selected")
-        # the selection run's learning rate, epoch by epoch (plateau halvings need validation)
-        plan = [h["lr"] / loop_params.lr for h in state.history[:chosen]] or None
         log.info("refit: training a fresh model on every cell for %d epochs", chosen)
-        state = TrainState(phase="refit", selected_epochs=chosen, lr_plan=plan)
+        state = refit_state
     if state.phase == "refit":
         selection.setdefault("selected_epochs", state.selected_epochs)
         data.heldout = None
