@@ -462,6 +462,11 @@ class ModelPredictor:
         bf16 units where a probe finds it faster (:func:`epiray.precision.resolve_autocast`),
         as in training. bf16 predictions differ from float32 ones by bf16 rounding (about
         0.4 % of a value; ``tests/test_impute.py`` bounds it).
+    calibration, average_activity
+        A run trained with ``validation.calibrate``: its
+        :class:`~epiray.calibration.Calibration`, and ``assay -> AA over the chromosome``
+        (None for an assay without observed tracks); imputations are ``w · model + (1 − w) ·
+        AA`` (:func:`epiray.calibration.blend`), as the run's own held-out predictions.
 
     Raises
     ------
@@ -469,8 +474,22 @@ class ModelPredictor:
         The shards are empty, from different chromosomes, or do not tile the chromosome.
     """
 
-    def __init__(self, shards: Sequence[tuple[Any, Any]], autocast: str = "off") -> None:
+    def __init__(
+        self,
+        shards: Sequence[tuple[Any, Any]],
+        autocast: str = "off",
+        calibration: Any = None,
+        average_activity: Callable[[str], np.ndarray | None] | None = None,
+    ) -> None:
         self.autocast = autocast
+        self.calibration = calibration
+        self.average_activity = average_activity
+        if calibration is not None and average_activity is None:
+            raise EpirayError(
+                "ModelPredictor: a calibration without average_activity; expected the "
+                "reader of the assays' average activity it blends with "
+                "(epiray.calibration.AverageActivityReader)."
+            )
         self.precision = None  # resolved at the first prediction, on the shards' device
         if not shards:
             raise EpirayError(
@@ -507,6 +526,11 @@ class ModelPredictor:
             with self.precision.context():
                 pred = model.predict(data, b, a)
             out[data.lo : data.hi] = pred.float().cpu().numpy()
+        if self.calibration is not None:
+            from epiray.calibration import blend
+
+            out = blend(out, self.average_activity(pair[1]), self.calibration.weight)
+            out = np.asarray(out, dtype=np.float32)
         return out
 
     def predict_chrom(
@@ -754,11 +778,17 @@ class ModelScope:
             words.append(str(variant))
         if meta.get("fold") not in (None, "all"):
             words.append(f"fold {meta['fold']}")
+        cal = meta.get("calibration")
         return ModelScope(
             chrom=chrom,
             source=source,
             description=f"{' '.join(words)}; {len(bios)} biosamples, {len(assays)} assays"
-            + (", cross-species" if base.cross_species else ""),
+            + (", cross-species" if base.cross_species else "")
+            + (
+                f", blended with average activity (model weight {float(cal['weight']):.2f})"
+                if isinstance(cal, dict) and "weight" in cal
+                else ""
+            ),
             biosamples=base.biosamples,
             assays=base.assays,
             assembly=meta.get("assembly") or base.assembly,

@@ -211,7 +211,9 @@ class TrainState:
         :func:`regime` of the run as a dict (batch size, steps per epoch, warning).
     phase
         ``fit`` (training, with validation when there is any) or ``refit`` (a fresh model on
-        every cell for ``selected_epochs``, the epochs validation chose).
+        every cell for ``selected_epochs``, the epochs validation chose); ``calibrate``: the
+        calibration model trained before ``fit`` without the experiments it is calibrated on
+        (``validation.calibrate`` beside validation cells).
     selected_epochs
         In the refit phase, its length.
     lr_drops
@@ -237,7 +239,7 @@ class TrainState:
     bad_epochs: int = 0
     stopped: bool = False
     regime: dict[str, Any] = field(default_factory=dict)
-    phase: Literal["fit", "refit"] = "fit"
+    phase: Literal["calibrate", "fit", "refit"] = "fit"
     selected_epochs: int | None = None
     lr_drops: int = 0
     lr_plan: list[float] | None = None

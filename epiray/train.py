@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from epiray.calibration import Calibration, average_activity, blend
 from epiray.config import Section, dump_config
 from epiray.errors import ConfigError, EpirayError
 from epiray.evaluate import AVERAGE_ACTIVITY
@@ -41,6 +42,7 @@ from epiray.folds import heldout_fraction
 from epiray.loader import Aux, load_chrom_data, shard_bounds, slab_size
 from epiray.loop import (
     LoopParams,
+    TrainState,
     fit,
     load_checkpoint,
     save_checkpoint,
@@ -112,7 +114,19 @@ class ValidationSection(Section):
         After training with validation, train a fresh model on every cell (validation cells
         included) for the number of epochs validation chose, with the learning rate the
         selection run had in each of them (a ``plateau`` schedule's halvings replayed), and
-        keep that one.
+        keep that one. Under ``scheme: experiments`` the refit trains on the validation
+        experiments too.
+    ``calibrate``
+        Fit the weight ``w`` of the model against the average activity of each assay on
+        whole validation experiments, after training and before any refit, and impute
+        ``w · model + (1 − w) · AA`` from then on (the run's held-out predictions, ``epiray
+        impute``); AA is the mean of the run's observed target-species tracks of the assay,
+        and an assay with none (zero-shot) keeps the model alone (:mod:`epiray.calibration`).
+        Under ``scheme: cells`` it withholds ``per_assay`` experiments of every assay that
+        keeps ``min_train`` (as ``scheme: experiments`` does) for the weight alone: early
+        stopping stays on the cells, and without ``refit`` the model never trains on them.
+        The weight is in the checkpoint meta (``calibration``) and in MLflow
+        (``calibration/weight``).
     Validation experiments given by the fold (PREDICTD) are always scored as well.
     """
 
@@ -124,6 +138,19 @@ class ValidationSection(Section):
     per_assay: int = Field(1, ge=0)
     min_train: int = Field(2, ge=1)
     refit: bool = False
+    calibrate: bool = False
+
+    @model_validator(mode="after")
+    def _calibrate_needs_experiments(self) -> ValidationSection:
+        if self.calibrate and (self.scheme == "none" or self.per_assay < 1):
+            raise ValueError(
+                f"validation.calibrate needs whole validation experiments, per_assay >= 1 of "
+                f"every assay (got scheme {self.scheme!r}, per_assay {self.per_assay}): the "
+                "weight against average activity is fitted on whole tracks the model never "
+                "trained on. Set scheme: cells or experiments with per_assay >= 1, or "
+                "calibrate: false."
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -233,6 +260,15 @@ class RunSpec:
     holdout: dict[str, Any] | None = None
     refit: bool = False
     threads: int | None = None
+    #: validation experiments withheld from ``train`` (``validation.scheme: experiments``, or
+    #: ``calibrate``; a subset of ``validate``); a refit trains on them too, and so does the
+    #: final model of a calibration beside validation cells
+    withheld: list[str] = field(default_factory=list)
+    #: the fold's training experiments before any was withheld, in the store's order
+    all_train: list[str] = field(default_factory=list)
+    #: fit the blend with average activity on the validation experiments
+    #: (``validation.calibrate``; :mod:`epiray.calibration`)
+    calibrate: bool = False
     #: the run's first line (:func:`run_summary`)
     summary: str = ""
 
@@ -336,10 +372,13 @@ def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
             tgt = in_scope[in_scope["assembly"] == cfg.assembly]
             train = [e for e in tgt["experiment"] if role[e] == "train"]
             validate = [e for e in tgt["experiment"] if role[e] == "validate"]
-            if cfg.validation.scheme == "experiments":
+            extra_val: list[str] = []
+            all_train = list(train)
+            if cfg.validation.scheme == "experiments" or cfg.validation.calibrate:
                 train, extra_val = _pick_validation(tgt, train, cfg.validation, rng_seed)
                 validate += extra_val
-            holdout = cfg.validation.cells_holdout(len(train), nb)
+            # beside validation cells, the final model trains on every training track
+            holdout = cfg.validation.cells_holdout(len(all_train), nb)
             aux = (
                 [
                     e
@@ -389,6 +428,9 @@ def plan_runs(cfg: TrainConfig) -> tuple[Store, list[RunSpec]]:
                     threads=None
                     if cfg.scaling.threads_per_worker == "auto"
                     else cfg.scaling.threads_per_worker,
+                    withheld=extra_val,
+                    all_train=all_train,
+                    calibrate=cfg.validation.calibrate,
                 )
             )
             specs[-1].summary = run_summary(specs[-1], species, cfg)
@@ -511,8 +553,11 @@ def run_summary(spec: RunSpec, species: dict[str, str], cfg: TrainConfig | None 
         parts.append(f"{len(spec.evaluate)} held out for testing")
     if spec.unscored:
         parts.append(f"{len(spec.unscored)} held out unscored")
-    if spec.validate:
-        parts.append(f"{len(spec.validate)} held out for validation")
+    kept = [e for e in spec.validate if not (spec.holdout and e in set(spec.withheld))]
+    if kept:
+        parts.append(f"{len(kept)} held out for validation")
+    if spec.holdout and spec.withheld:
+        parts.append(f"{len(spec.withheld)} held out for calibration")
     if spec.holdout:
         frac = spec.holdout["fraction"]
         whose = f"the {' and '.join(own)} tracks'" if aux else "their"
@@ -523,8 +568,11 @@ def run_summary(spec: RunSpec, species: dict[str, str], cfg: TrainConfig | None 
                 f"{cfg.validation.max_cells:,} cells by validation.max_cells)"
             )
         parts.append(text)
+    if spec.calibrate:
+        parts.append("imputations blended with average activity by the weight those fit")
     if spec.refit:
-        parts.append("then retrained on every bin for the epochs validation chose")
+        what = "every track and bin" if spec.withheld else "every bin"
+        parts.append(f"then retrained on {what} for the epochs validation chose")
     elif not spec.holdout and not spec.validate:
         epochs = f"all {cfg.train.epochs} epochs" if cfg is not None else "every epoch"
         parts.append(f"no validation: trains {epochs}")
@@ -728,6 +776,60 @@ def worker_threads(local_workers: int) -> int:
     return max(1, cores // max(1, local_workers))
 
 
+def calibrate(model, data: ChromData, spec: RunSpec, vocab: Vocabulary, run=None):
+    """Fit the run's blend with average activity on its validation experiments
+    (``validation.calibrate``; :mod:`epiray.calibration`), summed over every worker's bins.
+
+    Returns the :class:`~epiray.calibration.Calibration` as a dict for the checkpoint meta, or
+    None when no validation experiment has training tracks of its assay (the model stays
+    alone, with a warning).
+    """
+    import torch.distributed as dist
+
+    from epiray.calibration import calibration_sums, fit_weight
+
+    sums = calibration_sums(model, data)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        on = sums.to(data.device)
+        dist.all_reduce(on)
+        sums = on.cpu()
+    if dist.is_available() and dist.is_initialized():
+        sums[5] /= dist.get_world_size()  # every worker has every validation track
+    cal = fit_weight(sums)
+    if cal is None:
+        log.warning(
+            "calibration of %s on %s: no validation experiment whose assay has training "
+            "tracks, so there is no weight to fit; the model's imputations stay unblended.",
+            spec.label,
+            spec.chrom,
+        )
+        return None
+    for e in spec.train + spec.validate:
+        assay = vocab.assays[vocab.experiment_index(e).assay]
+        cal.average_activity.setdefault(assay, []).append(e)
+    log.info(
+        "calibration: weight %.3f of the model against average activity on %d validation "
+        "tracks (MSE model %.4f, average activity %.4f, blend %.4f)",
+        cal.weight,
+        cal.tracks,
+        cal.mse_model,
+        cal.mse_average_activity,
+        cal.mse_blend,
+    )
+    if run is not None:
+        run.log_metrics(
+            {
+                "calibration/weight": cal.weight,
+                "calibration/mse_model": cal.mse_model,
+                "calibration/mse_average_activity": cal.mse_average_activity,
+                "calibration/mse_blend": cal.mse_blend,
+            },
+            step=0,
+        )
+        run.set_tags({"epiray.calibration_weight": f"{cal.weight:.4f}"})
+    return cal.to_dict()
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker: load the slab, train (resuming if a checkpoint exists), predict."""
     import ray.train
@@ -755,22 +857,51 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         check_worker_memory(memory, device, f"train {spec.label} {spec.chrom}", world)
         log.info("rank %d: %s", rank, describe_memory(memory, size))
     hold = spec.holdout or {}
-    data = load_chrom_data(
-        store,
-        spec.assembly,
-        spec.chrom,
-        lo,
-        hi,
-        vocab,
-        spec.train,
-        validate=spec.validate,
-        aux=aux,
-        device=device,
-        value_dtype=value_dtype,
-        heldout_fraction=hold.get("fraction", 0.0),
-        heldout_block=hold.get("block_bins", 200),
-        heldout_seed=hold.get("seed", 0),
+    # the refit trains on the withheld validation experiments too, in the store's order
+    withheld = set(spec.withheld)
+    kept = withheld | set(spec.train)
+    everything = [e for e in spec.all_train if e in kept]
+    refit_train = (
+        everything
+        if len(everything) == len(spec.train) + len(withheld)
+        else (spec.train + [e for e in spec.withheld if e not in spec.train])
     )
+    refit_validate = [e for e in spec.validate if e not in withheld]
+    # calibrate beside validation cells: a calibration model without the withheld experiments
+    # fits the weight first, then the final model trains on every track (cells as validation)
+    separate = spec.calibrate and spec.holdout is not None and bool(spec.withheld)
+
+    def tracks_of(phase: str) -> tuple[list[str], list[str]]:
+        if phase == "refit" or (phase == "fit" and separate):
+            return refit_train, refit_validate
+        return spec.train, spec.validate
+
+    def load(phase: str):
+        train_on, validate_on = tracks_of(phase)
+        return load_chrom_data(
+            store,
+            spec.assembly,
+            spec.chrom,
+            lo,
+            hi,
+            vocab,
+            train_on,
+            validate=validate_on,
+            aux=aux,
+            device=device,
+            value_dtype=value_dtype,
+            heldout_fraction=0.0 if phase == "refit" else hold.get("fraction", 0.0),
+            heldout_block=hold.get("block_bins", 200),
+            heldout_seed=hold.get("seed", 0),
+        )
+
+    ckpt = ray.train.get_checkpoint()
+    resumed: dict[str, Any] = {}
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if (Path(d) / META).is_file():
+                resumed = json.loads((Path(d) / META).read_text())
+    data = load(resumed.get("phase") or ("calibrate" if separate else "fit"))
     if rank == 0 and data.heldout is not None:
         log.info(
             "validation: %d cells of the %d training tracks held out on this worker's bins "
@@ -798,7 +929,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             return model, start
         return klass.build(klass.Params.model_validate(spec.params), vocab, data), None
 
-    ckpt = ray.train.get_checkpoint()
     state = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -832,7 +962,21 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             tags["epiray.validation_cells_rank0"] = str(data.n_heldout_cells)
         run.set_tags(tags)
     shards = [list(shard_bounds(n_bins, world, r)) for r in range(world)]
-    selection: dict[str, Any] = {}  # phase 1's outcome, kept in the refit's checkpoints
+    # phase 1's outcome (chosen length, calibration), kept in the refit's checkpoints and
+    # restored with them
+    selection: dict[str, Any] = {
+        k: resumed[k]
+        for k in (
+            "calibration_epochs",
+            "calibration_history",
+            "selection_epochs",
+            "selected_epochs",
+            "best_val_mse",
+            "selection_history",
+            "calibration",
+        )
+        if k in resumed
+    }
 
     def save(d: Path, state, final: bool) -> None:
         save_checkpoint(d / f"rank{rank}.pt", model, state)
@@ -849,8 +993,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 "fold": spec.fold,
                 "n_bins": n_bins,
                 "shards": shards,
-                "train": spec.train,
-                "validate": spec.validate,
+                "train": tracks_of(state.phase)[0],
+                "validate": tracks_of(state.phase)[1],
                 "evaluate": spec.evaluate,
                 "aux_name": spec.aux_name,
                 "aux": spec.aux,
@@ -874,7 +1018,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     clock = {"last": time.perf_counter(), "reported": time.perf_counter(), "tagged": False}
 
     def report(state, metrics: dict[str, Any], final: bool = False, tag: str = "") -> None:
-        params = loop_params if state.phase == "fit" else refit_params(state)
+        params = refit_params(state) if state.phase == "refit" else loop_params
         clean = {
             k: float(v)
             for k, v in metrics.items()
@@ -882,7 +1026,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         }
         clean["final"] = float(final)
         clean["refit"] = float(state.phase == "refit")
-        offset = selection.get("selection_epochs", 0)
+        # epochs of the earlier phases: checkpoint names and MLflow steps keep counting
+        offset = selection.get("calibration_epochs", 0) + selection.get("selection_epochs", 0)
         if run is not None and not clock["tagged"] and state.regime:
             run.set_tags(regime_tags(state, params) | {"epiray.undertrained": "pending"})
             clock["tagged"] = True
@@ -898,6 +1043,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     if metrics.get("val_mse") is not None
                     else None,
                 )
+            elif state.phase == "calibrate":
+                got = {"calibration/train_mse": metrics["train_mse"]}
+                if metrics.get("val_mse") is not None:
+                    got["calibration/val_mse"] = metrics["val_mse"]
+                run.log_metrics(got, step=state.epoch)
             else:
                 step = offset + state.epoch
                 run.log_metrics({"refit/train_mse": metrics["train_mse"]}, step=step)
@@ -928,11 +1078,36 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     def done(state, params) -> bool:
         return state.stopped or state.epoch >= params.epochs
 
+    if state is None and separate:
+        state = TrainState(phase="calibrate")
+    if state is not None and state.phase == "calibrate":
+        # phase 0: the calibration model, without the experiments the weight is fitted on
+        if not done(state, loop_params):
+            state = fit(model, data, loop_params, callback=report, start_state=state)
+        elif loop_params.restore_best and state.best_state is not None:
+            model.load_state_dict(state.best_state)
+        if "calibration" not in selection:
+            selection["calibration"] = calibrate(model, data, spec, vocab, run)
+        report(state, dict(state.history[-1]) if state.history else {}, tag="_calibrated")
+        selection.update(
+            calibration_epochs=state.epoch,
+            calibration_history=[
+                {k: v for k, v in h.items() if not isinstance(v, list)} for h in state.history
+            ],
+        )
+        log.info(
+            "calibration model done after %d epochs; training the model on every track",
+            state.epoch,
+        )
+        data = load("fit")
+        model, state = fresh_model()
     # phase 1: train with validation (or without, for train.epochs)
     if state is None or (state.phase == "fit" and not done(state, loop_params)):
         state = fit(model, data, loop_params, callback=report, start_state=state)
     elif state.phase == "fit" and loop_params.restore_best and state.best_state is not None:
         model.load_state_dict(state.best_state)
+    if state.phase == "fit" and spec.calibrate and "calibration" not in selection:
+        selection["calibration"] = calibrate(model, data, spec, vocab, run)
     if state.phase == "fit" and spec.refit:
         # phase 2: a fresh model on every cell for the epochs validation chose
         refit_state = state.refit(loop_params.lr)
@@ -953,11 +1128,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if state.phase == "refit":
         selection.setdefault("selected_epochs", state.selected_epochs)
         data.heldout = None
+        if data.n_experiments != len(refit_train):
+            data = load("refit")  # the withheld validation experiments join the training
         if state.epoch == 0:
             model, _ = fresh_model()
         if not done(state, refit_params(state)):
             state = fit(model, data, refit_params(state), callback=report, start_state=state)
-    final_params = loop_params if state.phase == "fit" else refit_params(state)
+    final_params = refit_params(state) if state.phase == "refit" else loop_params
     if run is not None:
         run.set_tags(regime_tags(state, final_params))
     last = dict(state.history[-1]) if state.history else {"epoch": state.epoch}
@@ -972,13 +1149,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     )
     data.heldout = None  # imputations use every observed cell
 
-    # predictions of the held-out experiments on this worker's bins
+    # predictions of the held-out experiments on this worker's bins (blended with average
+    # activity by the calibration's weight, when the run has one)
+    cal = Calibration.from_dict(selection.get("calibration"))
     out = Path(spec.out_dir) / "predictions"
     model.eval()
     with torch.no_grad():
         for e in spec.evaluate + spec.unscored:
             key = vocab.experiment_index(e)
-            pred = model.predict(data, key.biosample, key.assay).float().cpu().numpy()
+            pred = model.predict(data, key.biosample, key.assay).float()
+            if cal is not None:
+                pred = blend(pred, average_activity(data, key.assay), cal.weight)
+            pred = pred.cpu().numpy()
             p = out / e / f"{lo:012d}-{hi:012d}.npy"
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(p.name + ".tmp.npy")
@@ -1508,5 +1690,16 @@ def load_predictor(model: str | Sequence[str], chrom: str, autocast: str = "off"
             f"impute model {model!r}: expected a run directory pattern with a {{chrom}} "
             "placeholder, e.g. runs/avocado_mouse_only.{chrom}.fold0."
         )
-    shards = load_shards(final_checkpoint(model.format(chrom=chrom)))
-    return ModelPredictor(shards, autocast=autocast)
+    from epiray.calibration import AverageActivityReader, Calibration
+
+    checkpoint = final_checkpoint(model.format(chrom=chrom))
+    meta = json.loads((checkpoint / META).read_text())
+    store = Store.open(meta["store"])
+    shards = load_shards(checkpoint, store=store)
+    cal = Calibration.from_dict(meta.get("calibration"))
+    reader = (
+        AverageActivityReader(store, meta["assembly"], meta["chrom"], cal.average_activity)
+        if cal is not None
+        else None
+    )
+    return ModelPredictor(shards, autocast=autocast, calibration=cal, average_activity=reader)

@@ -245,6 +245,131 @@ def test_cell_validation_and_refit(tmp_path, tiny_store):
     assert ValidationSection.model_validate({"per_assay": 0}).scheme == "none"
 
 
+def test_calibrated_refit_on_validation_experiments(tmp_path, tiny_store):
+    """validation.calibrate: the weight against average activity is fitted on the whole
+    validation experiments across both workers, the refit trains on them too, and the run's
+    held-out predictions and `epiray impute`'s predictor are both the blend."""
+    import mlflow
+
+    from epiray.impute import ModelPredictor, ModelScope
+    from epiray.train import (
+        ValidationSection,
+        _read_predictions,
+        final_checkpoint,
+        load_predictor,
+        load_shards,
+    )
+
+    _, store = tiny_store
+    with pytest.raises(ValueError, match="calibrate needs whole validation experiments"):
+        ValidationSection(scheme="none", calibrate=True)
+    with pytest.raises(ValueError, match="per_assay 0"):
+        ValidationSection(per_assay=0, calibrate=True)
+    cfg = config(
+        tmp_path,
+        store,
+        validation=ValidationSection(
+            scheme="experiments", per_assay=1, min_train=1, refit=True, calibrate=True
+        ),
+        train=LoopParams(epochs=3, patience=None, autocast="off"),
+    )
+    _, (spec,) = plan_runs(cfg)
+    assert spec.withheld and set(spec.withheld) <= set(spec.validate) and spec.calibrate
+    assert "blended with average activity" in spec.summary
+    assert "retrained on every track and bin" in spec.summary
+    (r,) = train(cfg)
+    meta = json.loads(open(f"{r.checkpoint}/meta.json").read())
+    assert meta["phase"] == "refit"
+    assert meta["train"] == spec.all_train  # the refit trained on them too
+    cal = meta["calibration"]
+    # three epochs on a tiny slab: AA earns a share, so the blend below is not the model
+    assert 0.0 <= cal["weight"] < 1.0 and cal["tracks"] == len(spec.withheld)
+    assert cal["mse_blend"] <= min(cal["mse_model"], cal["mse_average_activity"]) + 1e-9
+    tags = mlflow.MlflowClient(r.spec.tracking_uri).get_run(r.mlflow_run_id).data.tags
+    assert tags["epiray.calibration_weight"] == f"{cal['weight']:.4f}"
+    # sidecars, the hub and `epiray info` say so
+    scope = ModelScope.from_run_meta(meta, "chr1", "run")
+    assert f"blended with average activity (model weight {cal['weight']:.2f})" in (
+        scope.description
+    )
+    # the held-out predictions: w · model + (1 − w) · AA of the run's observed tracks
+    exps = store.experiments().set_index("experiment")
+    run_dir = final_checkpoint(r.checkpoint.rsplit("/", 1)[0])
+    raw = ModelPredictor(load_shards(run_dir))
+    calibrated = load_predictor(r.checkpoint.rsplit("/", 1)[0].replace("chr1", "{chrom}"), "chr1")
+    n = store.n_bins("mmSyn1", "chr1")
+    for e in spec.evaluate:
+        b, a = exps.loc[e, "biosample"], exps.loc[e, "assay"]
+        same = [t for t in spec.train + spec.validate if exps.loc[t, "assay"] == a]
+        model = raw.predict_chrom("chr1", [(b, a)], 0, n)[0]
+        want = model
+        if same:
+            aa = store.read("mmSyn1", "chr1", same).mean(0)
+            want = cal["weight"] * model + (1 - cal["weight"]) * aa
+        np.testing.assert_allclose(_read_predictions(r.spec, e), want, rtol=1e-5, atol=1e-5)
+        # `epiray impute` blends the same way
+        got = calibrated.predict_chrom("chr1", [(b, a)], 0, n)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_beside_validation_cells(tmp_path, tiny_store):
+    """Under validation cells, calibrate trains a calibration model without whole withheld
+    experiments to fit the weight; the final model then trains on every track as the
+    uncalibrated config does (the same model, seed for seed), and is blended by it."""
+    from epiray.impute import ModelPredictor
+    from epiray.train import ValidationSection, _read_predictions, final_checkpoint, load_shards
+
+    _, store = tiny_store
+    kw = dict(
+        train=LoopParams(epochs=2, patience=None, autocast="off"),
+        scaling=ScalingSection(num_workers=1, use_gpu=False),
+    )
+    cal_cfg = config(
+        tmp_path / "cal",
+        store,
+        validation=ValidationSection(
+            scheme="cells", fraction=0.2, per_assay=1, min_train=1, calibrate=True
+        ),
+        **kw,
+    )
+    _, (spec,) = plan_runs(cal_cfg)
+    assert spec.holdout and spec.withheld and spec.validate == spec.withheld
+    assert not set(spec.withheld) & set(spec.train) and not spec.refit
+    assert sorted(spec.all_train) == sorted(spec.train + spec.withheld)
+    assert f"{len(spec.withheld)} held out for calibration" in spec.summary
+    assert f"{len(spec.withheld)} held out for validation" not in spec.summary
+    plain_cfg = config(
+        tmp_path / "plain", store, validation=ValidationSection(scheme="cells", fraction=0.2), **kw
+    )
+    _, (plain_spec,) = plan_runs(plain_cfg)
+    assert plain_spec.train == spec.all_train and plain_spec.holdout == spec.holdout
+    (r,) = train(cal_cfg)
+    (p,) = train(plain_cfg)
+    meta = json.loads(open(f"{r.checkpoint}/meta.json").read())
+    # the final model trained on every track; the calibration model's epochs come first
+    assert meta["phase"] == "fit" and meta["train"] == spec.all_train
+    assert meta["calibration"]["tracks"] == len(spec.withheld)
+    assert meta["calibration_epochs"] == 2 and len(meta["calibration_history"]) == 2
+    assert r.checkpoint.endswith("epoch0004_final")
+    # both phases stop early on the cells (whole tracks are reported beside them)
+    for h in (meta["history"][-1], meta["calibration_history"][-1]):
+        assert h["val_mse"] == h["val_mse_cells"]
+    # the final model is the uncalibrated config's, seed for seed; its imputations are blended
+    raw = ModelPredictor(load_shards(final_checkpoint(r.checkpoint.rsplit("/", 1)[0])))
+    w = meta["calibration"]["weight"]
+    exps = store.experiments().set_index("experiment")
+    n = store.n_bins("mmSyn1", "chr1")
+    for e in spec.evaluate:
+        b, a = exps.loc[e, "biosample"], exps.loc[e, "assay"]
+        model = raw.predict_chrom("chr1", [(b, a)], 0, n)[0]
+        np.testing.assert_allclose(model, _read_predictions(p.spec, e), rtol=1e-6, atol=1e-6)
+        same = [t for t in spec.all_train if exps.loc[t, "assay"] == a]
+        want = model
+        if same:
+            want = w * model + (1 - w) * store.read("mmSyn1", "chr1", same).mean(0)
+        np.testing.assert_allclose(_read_predictions(r.spec, e), want, rtol=1e-5, atol=1e-5)
+
+
 def _with_synteny(tmp_path, store, mappings):
     """A copy of the store's summary with synteny mappings added (enough to plan runs: the
     plan reads no track)."""
