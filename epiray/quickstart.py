@@ -83,6 +83,14 @@ TRAIN: dict[str, dict[str, Any]] = {
 }
 
 
+#: the shipped configs' ``validation`` sections, per model (Avocado calibrates against average
+#: activity: ``ValidationSection.calibrate``)
+VALIDATION: dict[str, dict[str, Any]] = {
+    "avocado": {"scheme": "cells", "per_assay": 1, "calibrate": True},
+    "edice": {"scheme": "cells"},
+}
+
+
 class QuickstartConfig(Section):
     """Embedded defaults of the quickstart (``configs/quickstart.yaml`` holds the same)."""
 
@@ -135,7 +143,7 @@ def _train_config(cfg: QuickstartConfig, out: Path, label: str):
         aux_species=aux,
         variant_name=label,
         folds=FoldSection(scheme="zero_shot", k=3, fold=cfg.fold, seed=cfg.seed),
-        validation=ValidationSection(scheme="cells", seed=cfg.seed),
+        validation=ValidationSection(**VALIDATION[name], seed=cfg.seed),
         train=LoopParams(**loop),
         scaling=ScalingSection(num_workers=cfg.num_workers, use_gpu="auto"),
         tracking=TrackingConfig(experiment="epiray-quickstart"),
