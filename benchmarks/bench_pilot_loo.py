@@ -31,7 +31,10 @@ overall, paired wins against average activity) is printed and logged to MLflow (
 6 Mb chromosome, every track observed), ``synth-noisy:SEED`` on a harder one whose average
 activity scores like the pilot's (:data:`DEV_PILOT_NOISY`): the dev data on which settings for
 compendia this small are chosen without looking at the pilot (issue 17). ``--config`` trains the
-``avocado_shipped_*`` models from another config (a dev candidate) instead of the shipped one.
+``avocado_shipped_*`` models from another config (a dev candidate) instead of the shipped one;
+with a config that calibrates beside validation cells, ``--final-from DIR`` reads the final
+model's imputations from a run of the uncalibrated config in ``DIR`` (the same model, seed for
+seed) and trains only the calibration models.
 
     .venv/bin/python benchmarks/bench_pilot_loo.py --data synth:201 \\
         --work benchmarks/_work/pilot_dev/shipped --models average_activity avocado_shipped_bf16
@@ -159,32 +162,55 @@ def impute_avocado(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
     return pred, info
 
 
-def _aa_weight(model, data, vocab, tracks, fit_on, val) -> float:
-    """The weight ``w`` of the model in ``w · model + (1 − w) · AA`` that fits the whole
-    validation tracks best (least squares, clipped to [0, 1]); AA of a validation track is the
-    mean of the training tracks of its assay. Information for choosing a remedy on dev data:
-    the blend is not applied to the saved prediction."""
-    num = den = 0.0
-    for c, a in val:
-        others = [tracks[k] for k in fit_on if k[1] == a]
-        if not others:
-            continue
-        aa = np.mean(others, 0)
-        pred = model.predict(data, vocab.biosample_index(c), vocab.assay_index(a)).float().numpy()
-        d, r = pred - aa, tracks[c, a] - aa
-        num, den = num + float(d @ r), den + float(d @ d)
-    return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 1.0
+def _calibration(model, data) -> dict | None:
+    """The blend with AA that the run's validation tracks fit (:mod:`epiray.calibration`,
+    as ``epiray train`` fits it), as a dict; None without validation tracks."""
+    from epiray.calibration import calibration_sums, fit_weight
+
+    cal = fit_weight(calibration_sums(model, data))
+    return cal.to_dict() if cal is not None else None
+
+
+def _fit_shipped(tracks, vocab, fit_on, val, cfg, seed: int, autocast: str):
+    """One model of ``cfg`` on ``fit_on`` (``val``: whole validation tracks), validated on
+    cells of ``fit_on`` under ``validation.scheme: cells``, as ``epiray train`` does."""
+    from epiray.folds import heldout_blocks, heldout_fraction
+    from epiray.loop import fit
+    from epiray.models.avocado import Avocado, AvocadoParams
+
+    v = cfg.validation
+    data = ba._data(tracks, vocab, fit_on, val)
+    n = data.n_bins
+    if v.scheme == "cells":
+        frac = heldout_fraction(len(fit_on), n, v.fraction, v.max_cells)
+        ids = [f"{c}.{a}" for c, a in fit_on]
+        data.heldout = torch.from_numpy(
+            heldout_blocks(ids, "pilot", n, 0, n, frac, v.block_bins, seed)
+        )
+        data.heldout_block = v.block_bins
+    params = cfg.train.model_copy(update={"seed": seed, "autocast": autocast})
+    torch.manual_seed(seed)
+    model = Avocado.build(AvocadoParams(**cfg.model.params), vocab, data)
+    st = fit(model, data, params)
+    return model, data, st, params
 
 
 def impute_avocado_shipped(
-    tracks, held, seed: int, autocast: str, config: Path = SHIPPED
+    tracks, held, seed: int, autocast: str, config: Path = SHIPPED, final_from: Path | None = None
 ) -> tuple[np.ndarray, dict]:
     """Train on the other 24 tracks at the shipped config (or ``config``) and impute
     ``held``: its model, train section and validation as ``epiray train`` does them (cells;
     or whole experiments, ``per_assay`` per assay; with ``refit``, a fresh model on all 24
-    for the epochs chosen, replaying the selection run's learning rates)."""
+    for the epochs chosen, replaying the selection run's learning rates; with ``calibrate``,
+    the blend with AA fitted on the withheld experiments — beside validation cells by a
+    calibration model trained without them, the final model then training on all 24).
+
+    ``final_from``: a work folder of the same model name run at the config without
+    ``calibrate``; beside validation cells, the final model's imputation is read from it
+    instead of trained again (that model is the same, seed for seed: ``tests/test_train.py``
+    checks it for ``epiray train``)."""
+    from epiray.calibration import blend
     from epiray.config import load_config
-    from epiray.folds import heldout_blocks, heldout_fraction
     from epiray.loop import fit
     from epiray.models.avocado import Avocado, AvocadoParams
     from epiray.train import TrainConfig, _pick_validation
@@ -195,24 +221,12 @@ def impute_avocado_shipped(
     train = [k for k in tracks if k != held]
     v = cfg.validation
     fit_on, val = train, []
-    if v.scheme == "experiments":
+    if v.scheme == "experiments" or v.calibrate:
         names = {f"{c}.{a}": (c, a) for c, a in train}
         table = pd.DataFrame({"experiment": list(names), "assay": [a for _, a in train]})
         kept, picked = _pick_validation(table, list(names), v, v.seed + seed)
         fit_on, val = [names[e] for e in kept], [names[e] for e in picked]
-    data = ba._data(tracks, vocab, fit_on, val)
-    n = data.n_bins
-    if v.scheme == "cells":
-        frac = heldout_fraction(len(train), n, v.fraction, v.max_cells)
-        ids = [f"{c}.{a}" for c, a in train]
-        data.heldout = torch.from_numpy(
-            heldout_blocks(ids, "pilot", n, 0, n, frac, v.block_bins, seed)
-        )
-        data.heldout_block = v.block_bins
-    params = cfg.train.model_copy(update={"seed": seed, "autocast": autocast})
-    torch.manual_seed(seed)
-    model = Avocado.build(AvocadoParams(**cfg.model.params), vocab, data)
-    st = fit(model, data, params)
+    model, data, st, params = _fit_shipped(tracks, vocab, fit_on, val, cfg, seed, autocast)
     info = {
         "config": str(config),
         "autocast": autocast,
@@ -224,9 +238,29 @@ def impute_avocado_shipped(
         "epochs": st.epoch,
         "val_curve": [round(h["val_mse"], 4) for h in st.history if h["val_mse"] is not None],
     }
-    if val:
-        info["aa_weight"] = _aa_weight(model, data, vocab, tracks, fit_on, val)
-    if v.refit and v.scheme != "none":
+    cal = _calibration(model, data) if val else None
+    if cal is not None:
+        # the least-squares weight on the whole validation tracks; applied to the imputation
+        # only when the config calibrates (validation.calibrate)
+        info["aa_weight"] = cal["weight"]
+        info["calibration"] = {k: v for k, v in cal.items() if k != "average_activity"}
+    pred = None
+    if v.calibrate and v.scheme == "cells":
+        # the final model: every track, validation cells, as the uncalibrated config
+        info["calibration_model"] = {k: info.pop(k) for k in ("best_epoch", "epochs", "val_curve")}
+        name = f"{cell}.{assay}"
+        if final_from is not None:
+            label = {"off": "fp32", "bf16": "bf16"}[autocast]
+            got = final_from / f"avocado_shipped_{label}" / f"{name}.npy"
+            if not got.is_file():
+                raise SystemExit(f"--final-from {final_from}: no {got}; run it there first.")
+            pred = np.load(got).astype(np.float32)
+            old = json.loads(got.with_suffix(".json").read_text())
+            info.update(final_from=str(got), best_epoch=old.get("best_epoch"))
+        else:
+            model, data, st, params = _fit_shipped(tracks, vocab, train, [], cfg, seed, autocast)
+            info.update(best_epoch=st.best_epoch, epochs=st.epoch)
+    elif v.refit and v.scheme != "none":
         start = st.refit(params.lr)
         data = ba._data(tracks, vocab, train)
         torch.manual_seed(seed)
@@ -236,8 +270,14 @@ def impute_avocado_shipped(
         )
         fit(model, data, again, start_state=start)
         info["refit_epochs"] = start.selected_epochs
-    data.heldout = None
-    pred = model.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy()
+    if pred is None:
+        data.heldout = None
+        pred = model.predict(data, vocab.biosample_index(cell), vocab.assay_index(assay)).numpy()
+    if v.calibrate and cal is not None:
+        # AA of every observed track of the assay (the other four cell types), as train's
+        aa = np.mean([tracks[k] for k in train if k[1] == assay], 0)
+        pred = np.asarray(blend(pred, aa, cal["weight"]), dtype=np.float32)
+        info["blended"] = True
     return pred, info
 
 
@@ -249,7 +289,15 @@ def impute_edice(tracks, held, seed: int) -> tuple[np.ndarray, dict]:
     return preds[held], {}
 
 
-def run_one(model: str, tracks, held, work: Path, seed: int, config: Path = SHIPPED) -> bool:
+def run_one(
+    model: str,
+    tracks,
+    held,
+    work: Path,
+    seed: int,
+    config: Path = SHIPPED,
+    final_from: Path | None = None,
+) -> bool:
     """Impute and score ``held`` with ``model`` unless done; True when it ran."""
     name = f"{held[0]}.{held[1]}"
     out = work / model
@@ -263,7 +311,7 @@ def run_one(model: str, tracks, held, work: Path, seed: int, config: Path = SHIP
         pred, info = impute_avocado(tracks, held, seed)
     elif model.startswith("avocado_shipped_"):
         autocast = {"fp32": "off", "bf16": "bf16"}[model.rsplit("_", 1)[1]]
-        pred, info = impute_avocado_shipped(tracks, held, seed, autocast, config)
+        pred, info = impute_avocado_shipped(tracks, held, seed, autocast, config, final_from)
     else:
         pred, info = impute_edice(tracks, held, seed)
     info.update(
@@ -349,7 +397,10 @@ def summarise(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def _blend_weight(blend: str, own: Path) -> float | None:
     """The weight ``blend`` names for the run whose info is ``own``: its ``aa_weight``
-    (``own``), the same track's in another work folder, or a number; None when not recorded."""
+    (``own``), the same track's in another work folder, or a number; None when not recorded
+    or when the saved imputation is blended already."""
+    if own.is_file() and json.loads(own.read_text()).get("blended"):
+        return None  # already blended by its calibration (validation.calibrate)
     if blend == "own" or Path(blend).is_dir():
         src = own if blend == "own" else Path(blend) / own.parent.name / own.name
         return json.loads(src.read_text()).get("aa_weight") if src.is_file() else None
@@ -444,6 +495,14 @@ def main() -> None:
     ap.add_argument(
         "--config", type=Path, default=SHIPPED, help="config of the avocado_shipped_* models"
     )
+    ap.add_argument(
+        "--final-from",
+        type=Path,
+        default=None,
+        help="with a config that calibrates beside validation cells: read the final model's "
+        "imputations from this work folder of the uncalibrated config (the same model, seed "
+        "for seed) instead of training it again",
+    )
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -472,7 +531,15 @@ def main() -> None:
         for assay in args.assays:  # assay-major: the H3K4me3 cases (issue 4) come first
             for cell in cells:
                 for model in args.models:
-                    run_one(model, tracks, (cell, assay), args.work, args.seed, args.config)
+                    run_one(
+                        model,
+                        tracks,
+                        (cell, assay),
+                        args.work,
+                        args.seed,
+                        args.config,
+                        args.final_from,
+                    )
     scores, speed = score_all(tracks, args.work)
     if scores.empty:
         sys.exit("bench_pilot_loo: nothing finished yet")

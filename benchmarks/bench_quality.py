@@ -420,6 +420,12 @@ def run_model(comp: dict, label: str, configs: Path, out: Path, say) -> dict:
     if MODELS[label][1]:
         rows += score_unseen(comp, label, out)
     epochs = {r.spec.chrom: int(r.history["epoch"].max()) for r in results if len(r.history)}
+    # the weight of the model against average activity (validation.calibrate), per run
+    weights = {}
+    for r in results:
+        cal = json.loads((Path(r.checkpoint) / "meta.json").read_text()).get("calibration")
+        if cal:
+            weights[f"{r.spec.chrom}.{r.spec.fold}"] = round(float(cal["weight"]), 4)
     res = {
         "key": key,
         "compendium": comp["name"],
@@ -428,13 +434,17 @@ def run_model(comp: dict, label: str, configs: Path, out: Path, say) -> dict:
         "config": raw,
         "seconds": seconds,
         "epochs": epochs,
+        "calibration_weights": weights,
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
     tmp = res_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1, default=str))
     tmp.replace(res_path)
-    say(f"  {comp['name']} {label}: {seconds:.0f} s, epochs {epochs}")
+    say(
+        f"  {comp['name']} {label}: {seconds:.0f} s, epochs {epochs}"
+        + (f", calibration weights {weights}" if weights else "")
+    )
     return res
 
 
