@@ -152,6 +152,16 @@ def blend(pred: Tensor | np.ndarray, aa: Tensor | np.ndarray | None, weight: flo
     return weight * pred + (1.0 - weight) * aa
 
 
+def mean_track(store: Any, assembly: str, chrom: str, experiments: list[str]) -> np.ndarray:
+    """The mean of ``experiments`` over a whole chromosome, float32, read one track at a time
+    (a float64 chromosome at most in memory)."""
+    acc = None
+    for e in experiments:
+        t = store.read(assembly, chrom, [e])[0].astype(np.float64)
+        acc = t if acc is None else acc + t
+    return (acc / len(experiments)).astype(np.float32)
+
+
 class AverageActivityReader:
     """AA of each assay over a whole chromosome, read from the store once per assay (for
     :class:`epiray.impute.ModelPredictor`).
@@ -171,9 +181,7 @@ class AverageActivityReader:
     def __call__(self, assay: str) -> np.ndarray | None:
         if assay not in self._cache:
             exps = self.tracks.get(assay) or []
-            acc = None
-            for e in exps:  # one track at a time: a chromosome of float64 at most
-                t = self.store.read(self.assembly, self.chrom, [e])[0].astype(np.float64)
-                acc = t if acc is None else acc + t
-            self._cache[assay] = None if acc is None else (acc / len(exps)).astype(np.float32)
+            self._cache[assay] = (
+                mean_track(self.store, self.assembly, self.chrom, exps) if exps else None
+            )
         return self._cache[assay]

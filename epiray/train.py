@@ -1496,7 +1496,6 @@ def average_activity_tracks(
         ``experiment -> (float32 [n_bins], source)`` with source ``"train"`` or ``"held_out"``.
     """
     exps = store.experiments().set_index("experiment")
-    nb = store.n_bins(assembly, chrom)
     by_assay: dict[str, list[str]] = {}
     for e in train:
         by_assay.setdefault(exps.loc[e, "assay"], []).append(e)
@@ -1505,10 +1504,9 @@ def average_activity_tracks(
         held.setdefault(exps.loc[e, "assay"], []).append(e)
 
     def mean_of(tracks: list[str]) -> np.ndarray:
-        acc = np.zeros(nb)
-        for t in tracks:
-            acc += store.read(assembly, chrom, [t])[0]
-        return (acc / len(tracks)).astype(np.float32)
+        from epiray.calibration import mean_track
+
+        return mean_track(store, assembly, chrom, tracks)
 
     out, cache = {}, {}
     for e in evaluate:
