@@ -30,6 +30,11 @@ Everything is resumable: compendia, stores and each (compendium, model) result a
     .venv/bin/python benchmarks/bench_quality.py --suite dev --configs /tmp/candidate \\
         --compendia issue_like --models avocado_cross_species
     .venv/bin/python benchmarks/bench_quality.py --suite test --report
+
+``--final-from TAG --tag NEW`` measures configs that calibrate beside validation cells
+(``validation.calibrate``) at the cost of their calibration models alone: the final model of
+such a run is the same config's without ``calibrate``, seed for seed, so ``TAG``'s runs of it
+are blended by the weights the calibration models fit (:func:`run_calibrated_from`).
 """
 
 from __future__ import annotations
@@ -448,6 +453,128 @@ def run_model(comp: dict, label: str, configs: Path, out: Path, say) -> dict:
     return res
 
 
+def _comparable(raw: dict) -> dict:
+    """A config without what a calibrated run may change against its uncalibrated twin: the
+    output folder, its MLflow store and validation's ``calibrate`` / ``per_assay`` (which
+    beside validation cells only pick the calibration model's withheld experiments)."""
+    raw = copy.deepcopy(raw)
+    raw.pop("out", None)
+    raw.pop("tracking", None)
+    v = dict(raw.get("validation") or {})
+    v.pop("calibrate", None)
+    v.pop("per_assay", None)
+    raw["validation"] = v
+    return raw
+
+
+def run_calibrated_from(
+    comp: dict, label: str, configs: Path, out: Path, final_from: Path, say
+) -> dict:
+    """The calibrated config of ``label`` as ``epiray train`` runs it, without training its
+    final models again: beside validation cells the final model is the uncalibrated config's,
+    seed for seed (``tests/test_train.py::test_calibration_beside_validation_cells``), so only
+    the calibration models are trained (``train(calibration_only=True)``) and ``final_from``'s
+    runs of the uncalibrated config are blended by their weights, through the predictor
+    ``epiray impute`` loads (:class:`epiray.impute.ModelPredictor`). Held-out rows are
+    rescored (the final model alone first: it must reproduce ``final_from``'s figures);
+    zero-shot and unseen rows are ``final_from``'s (no mouse track of those assays, so nothing
+    to blend: checked)."""
+    from epiray.calibration import AverageActivityReader, Calibration
+    from epiray.impute import ModelPredictor
+    from epiray.metrics import pearson
+    from epiray.store import Store
+    from epiray.train import final_checkpoint, load_shards, train
+
+    res_path = out / "result.json"
+    cfg, raw = train_config(comp, label, configs, out)
+    v = cfg.validation
+    if not (v.calibrate and v.scheme == "cells"):
+        raise SystemExit(f"--final-from: {label}'s config does not calibrate beside cells")
+    old = json.loads((final_from / "result.json").read_text())
+    if _comparable(old["config"]) != _comparable(raw) or old["config"]["validation"].get(
+        "calibrate"
+    ):
+        raise SystemExit(
+            f"--final-from {final_from}: its config is not this one without calibrate; "
+            "train the calibrated config in full instead (no --final-from)."
+        )
+    key = _hash({"config": raw, "comp": comp["name"], "seed": comp["seed"], "from": old["key"]})
+    if res_path.is_file():
+        got = json.loads(res_path.read_text())
+        if got.get("key") == key:
+            return got
+    t0 = time.perf_counter()
+    results = train(cfg, calibration_only=True)
+    seconds = time.perf_counter() - t0
+    store = Store.open(comp["store"])
+    exps = store.experiments(MOUSE).set_index("experiment")
+    rows, weights = [], {}
+    for r in results:
+        chrom = r.spec.chrom
+        cal = Calibration.from_dict(
+            json.loads((Path(r.checkpoint) / "meta.json").read_text())["calibration"]
+        )
+        weights[f"{chrom}.{r.spec.fold}"] = round(float(cal.weight), 4)
+        ckpt = final_checkpoint(final_from / "runs" / f"{label}.{chrom}.fold0")
+        final_train = json.loads((ckpt / "meta.json").read_text())["train"]
+        kept = set(r.spec.train) | set(r.spec.withheld)
+        if final_train != [e for e in r.spec.all_train if e in kept]:
+            raise SystemExit(f"--final-from {ckpt}: trained on other tracks than this config's")
+        shards = load_shards(ckpt, store=store, tracks=False)
+        alone = ModelPredictor(shards)
+        blended = ModelPredictor(
+            shards,
+            calibration=cal,
+            average_activity=AverageActivityReader(store, MOUSE, chrom, cal.average_activity),
+        )
+        mine = [x for x in old["rows"] if x["chrom"] == chrom]
+        for x in mine:
+            if x["kind"] != "held":
+                if x["assay"] in cal.average_activity:
+                    raise SystemExit(f"{x['experiment']}: {x['kind']} assay has mouse tracks")
+                rows.append(x)
+                continue
+            pair = [(exps.loc[x["experiment"], "biosample"], x["assay"])]
+            y = store.read(MOUSE, chrom, [x["experiment"]])[0].astype(np.float32)
+            p1 = alone.predict_chrom(chrom, pair, 0, y.shape[0])[0]
+            check = float(np.mean((p1 - y) ** 2))
+            if abs(check - x["mse"]) > 2e-3 * max(x["mse"], 1e-6):
+                raise SystemExit(
+                    f"--final-from: {x['experiment']} {chrom}: the final model rescored "
+                    f"{check:.5f}, its run {x['mse']:.5f}"
+                )
+            pb = blended.predict_chrom(chrom, pair, 0, y.shape[0])[0]
+            rows.append(
+                {**x, "mse": float(np.mean((pb - y) ** 2)), "pearson": float(pearson(y, pb))}
+            )
+    rows += [x for x in old["rows"] if x["chrom"] not in {r.spec.chrom for r in results}]
+    res = {
+        "key": key,
+        "compendium": comp["name"],
+        "seed": comp["seed"],
+        "model": label,
+        "config": raw,
+        "final_from": str(final_from),
+        "seconds": old["seconds"] + seconds,
+        "calibration_seconds": seconds,
+        "epochs": old["epochs"],
+        "calibration_epochs": {
+            r.spec.chrom: int(r.history["epoch"].max()) for r in results if len(r.history)
+        },
+        "calibration_weights": weights,
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = res_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    tmp.replace(res_path)
+    say(
+        f"  {comp['name']} {label}: calibration models {seconds:.0f} s, epochs "
+        f"{res['calibration_epochs']}, weights {weights}; final models from {final_from}"
+    )
+    return res
+
+
 def score_ensemble(comp: dict, label: str, outs: list[Path], say) -> dict:
     """The seed ensemble of ``outs`` (runs of ``label`` on ``comp`` differing in seed only):
     every row of the first member's result, rescored with the mean of the members'
@@ -588,6 +715,13 @@ def main() -> None:
         help="score the mean imputation of these result tags' runs (trained already, e.g. the "
         "same configs at several seeds) as tag ensemble-TAG1-TAG2..., train none",
     )
+    ap.add_argument(
+        "--final-from",
+        metavar="TAG",
+        help="configs that calibrate beside validation cells: train only the calibration "
+        "models and blend this result tag's runs of the same configs without calibrate (the "
+        "same final models, seed for seed) by their weights; results under --tag",
+    )
     args = ap.parse_args()
 
     import logging
@@ -601,6 +735,8 @@ def main() -> None:
     tag = args.tag or ("shipped" if args.configs == ROOT / "configs" else args.configs.name)
     if args.ensemble:
         tag = args.tag or "ensemble-" + "-".join(args.ensemble)
+    if args.final_from and tag == args.final_from:
+        raise SystemExit("--final-from: give another --tag for the calibrated results")
     suite_dir = args.out / args.suite
     results = []
     for name in names:
@@ -624,6 +760,10 @@ def main() -> None:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
                 results.append(res)
+                continue
+            if args.final_from:
+                src = suite_dir / args.final_from / name / label
+                results.append(run_calibrated_from(comp, label, args.configs, out, src, say))
                 continue
             results.append(run_model(comp, label, args.configs, out, say))
     summary = summarise(results)

@@ -1088,6 +1088,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             model.load_state_dict(state.best_state)
         if "calibration" not in selection:
             selection["calibration"] = calibrate(model, data, spec, vocab, run)
+        if spec.extra.get("calibration_only"):
+            # train(calibration_only=True): the weight is the run's product; no final model
+            report(state, dict(state.history[-1]) if state.history else {}, final=True)
+            return
         report(state, dict(state.history[-1]) if state.history else {}, tag="_calibrated")
         selection.update(
             calibration_epochs=state.epoch,
@@ -1275,6 +1279,10 @@ def run_one(
             raise EpirayError(f"train {name}: training failed: {result.error}")
         ckpt = result.checkpoint.path
         history = pd.DataFrame(json.loads((Path(ckpt) / META).read_text())["history"])
+        if spec.extra.get("calibration_only"):
+            # the calibration model's weight is in its checkpoint; it imputes nothing
+            tracked.set_tags({"epiray.checkpoint": ckpt, "epiray.calibration_only": "true"})
+            return RunResult(spec, ckpt, pd.DataFrame(), history, tracked.run_id)
         scores = score_run(store, spec)
         aa = fold_average_activity(store, spec) if cfg.baseline or tracked.enabled else {}
         if cfg.baseline:
@@ -1552,7 +1560,7 @@ def score_average_activity(
     return pd.DataFrame(rows)
 
 
-def train(cfg: TrainConfig, *, parent=None) -> list[RunResult]:
+def train(cfg: TrainConfig, *, parent=None, calibration_only: bool = False) -> list[RunResult]:
     """Run the ``train`` job: every (chromosome, fold) of the config, one after another.
 
     Re-running the same config resumes unfinished runs from their last checkpoint (Ray
@@ -1560,10 +1568,32 @@ def train(cfg: TrainConfig, *, parent=None) -> list[RunResult]:
     already finished... only if its checkpoint exists; finished runs are trained again only
     when ``out`` was cleared. Each run's resolved config is ``<out>/<run name>.resolved.yaml``
     (:func:`run_one`).
+
+    ``calibration_only``: a config that calibrates beside validation cells trains only its
+    calibration models, whose final checkpoints hold the weights (meta ``calibration``) and
+    which impute nothing (scores empty). The calibrated run's final model is the one the same
+    config without ``calibrate`` trains, seed for seed, so an existing uncalibrated run plus
+    these weights is the calibrated run (``benchmarks/bench_quality.py --final-from``).
     """
     from epiray.runtime import ensure_ray
 
     _, specs = plan_runs(cfg)
+    if calibration_only:
+        v = cfg.validation
+        if not (v.calibrate and v.scheme == "cells"):
+            raise ConfigError(
+                f"train: calibration_only needs validation.calibrate beside validation cells "
+                f"(got scheme {v.scheme!r}, calibrate {v.calibrate}); only there is the "
+                "calibration model separate from the final one."
+            )
+        for spec in specs:
+            if not spec.withheld:
+                raise ConfigError(
+                    f"train {spec.label} {spec.chrom} {spec.fold}: calibration_only, but no "
+                    f"assay keeps {v.min_train} training experiments beside a withheld one, "
+                    "so there is no calibration model to train."
+                )
+            spec.extra["calibration_only"] = True
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     ensure_ray()
     return [run_one(spec, cfg, parent=parent) for spec in specs]

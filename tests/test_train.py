@@ -368,6 +368,16 @@ def test_calibration_beside_validation_cells(tmp_path, tiny_store):
         if same:
             want = w * model + (1 - w) * store.read("mmSyn1", "chr1", same).mean(0)
         np.testing.assert_allclose(_read_predictions(r.spec, e), want, rtol=1e-5, atol=1e-5)
+    # calibration_only trains the calibration model alone: the same weight, no imputations,
+    # so the uncalibrated run plus that weight is the calibrated run
+    only_cfg = cal_cfg.model_copy(update={"out": str(tmp_path / "only")})
+    (c,) = train(only_cfg, calibration_only=True)
+    only = json.loads(open(f"{c.checkpoint}/meta.json").read())
+    assert c.checkpoint.endswith("epoch0002_final") and only["phase"] == "calibrate"
+    assert only["calibration"] == meta["calibration"] and c.scores.empty
+    assert not list((tmp_path / "only").rglob("predictions"))
+    with pytest.raises(ConfigError, match="calibration_only needs validation.calibrate"):
+        train(plain_cfg, calibration_only=True)
 
 
 def _with_synteny(tmp_path, store, mappings):
