@@ -407,6 +407,14 @@ def score_heldout(comp: dict, results) -> list[dict]:
     return rows
 
 
+def write_result(path: Path, res: dict) -> None:
+    """One (compendium, model) result, written atomically (a killed run leaves none)."""
+    from epiray.store import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(res, indent=1, default=str))
+
+
 def run_model(comp: dict, label: str, configs: Path, out: Path, say) -> dict:
     """Train ``label`` on one compendium at its shipped config (or reuse the result)."""
     from epiray.train import train
@@ -442,10 +450,7 @@ def run_model(comp: dict, label: str, configs: Path, out: Path, say) -> dict:
         "calibration_weights": weights,
         "rows": rows,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = res_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=str))
-    tmp.replace(res_path)
+    write_result(res_path, res)
     say(
         f"  {comp['name']} {label}: {seconds:.0f} s, epochs {epochs}"
         + (f", calibration weights {weights}" if weights else "")
@@ -564,10 +569,7 @@ def run_calibrated_from(
         "calibration_weights": weights,
         "rows": rows,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = res_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=str))
-    tmp.replace(res_path)
+    write_result(res_path, res)
     say(
         f"  {comp['name']} {label}: calibration models {seconds:.0f} s, epochs "
         f"{res['calibration_epochs']}, weights {weights}; final models from {final_from}"
@@ -757,8 +759,7 @@ def main() -> None:
                     say(f"{name} {label}: not every member trained ({', '.join(map(str, outs))})")
                     continue
                 res = score_ensemble(comp, label, outs, say)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
+                write_result(out / "result.json", res)
                 results.append(res)
                 continue
             if args.final_from:
